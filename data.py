@@ -146,6 +146,7 @@ go goes gone|gehen gehst geht gegangen s|i|PA|
 work works worked|arbeiten arbeitest arbeitet gearbeitet h|i|P|
 wait waits waited|warten wartest wartet gewartet h|i|PA|
 laugh laughs laughed|lachen lachst lacht gelacht h|i|P|
+sing sings sung|singen singst singt gesungen h|i|P|
 swim swims swum|schwimmen schwimmst schwimmt geschwommen s|i|PA|
 dance dances danced|tanzen tanzt tanzt getanzt h|i|P|
 cry cries cried|weinen weinst weint geweint h|i|P|
@@ -546,33 +547,46 @@ def _sentence(words: str, end: str) -> str:
     return words[0].upper() + words[1:] + end
 
 
+def sentence_pair(kind: str, c: Clause, sub: Clause | None = None, say: tuple | None = None,
+                  time_adv: str | None = None, question: str | None = None) -> tuple:
+    """Render one sentence in both languages. kind: 'main' (optionally with a fronted time
+    adverb), 'question' ('yn', 'what', 'who' or a WH_WORDS key), 'dass' (`say` = (subject NP,
+    SAY_VERBS key) introduces the clause `c`), 'weil' / 'wenn' (main clause `c`, subordinate
+    `sub` after it), 'wenn_front' (subordinate `sub` first, then the main clause verb-first)."""
+    if kind == "main" and time_adv:
+        return (_sentence(f"{time_adv} {clause_en(c)}", "."),
+                _sentence(clause_de(c, front=TIME_ADVERBS[time_adv]), "."))
+    if kind == "main":
+        return _sentence(clause_en(c), "."), _sentence(clause_de(c), ".")
+    if kind == "question":
+        return _sentence(clause_en(c, question), "?"), _sentence(clause_de(c, question=question), "?")
+    if kind == "dass":
+        subj, verb = say
+        third, forms = SAY_VERBS[verb]
+        return (_sentence(f"{np_en(subj)} {third if subj.person == 2 else verb} that {clause_en(c)}", "."),
+                _sentence(f"{np_de(subj)} {forms.split()[subj.person]}, dass {clause_de(c, 'final')}", "."))
+    if kind == "wenn_front":
+        return (_sentence(f"when {clause_en(sub)}, {clause_en(c)}", "."),
+                _sentence(f"wenn {clause_de(sub, 'final')}, {clause_de(c, 'v1')}", "."))
+    conj_en, conj_de = {"weil": ("because", "weil"), "wenn": ("when", "wenn")}[kind]
+    return (_sentence(f"{clause_en(c)} {conj_en} {clause_en(sub)}", "."),
+            _sentence(f"{clause_de(c)}, {conj_de} {clause_de(sub, 'final')}", "."))
+
+
 def generate_pair(rng: random.Random) -> tuple:
-    """One (English, German) sentence pair; every construction of the demo corpus is drawn here."""
+    """One (English, German) sentence pair, drawn over every construction of the demo corpus."""
     kind = rng.choices(["main", "yn", "wh", "dass", "weil", "wenn", "wenn_front"], [40, 10, 12, 10, 10, 9, 9])[0]
     if kind == "main":
         c = random_clause(rng)
-        if rng.random() < 0.15 and c.adv is None:
-            t = rng.choice(list(TIME_ADVERBS))
-            return _sentence(f"{t} {clause_en(c)}", "."), _sentence(clause_de(c, front=TIME_ADVERBS[t]), ".")
-        return _sentence(clause_en(c), "."), _sentence(clause_de(c), ".")
+        t = rng.choice(list(TIME_ADVERBS)) if rng.random() < 0.15 and c.adv is None else None
+        return sentence_pair("main", c, time_adv=t)
     if kind in ("yn", "wh"):
         q = "yn" if kind == "yn" else rng.choice(["what", "what", "who", "where", "why", "when"])
-        c = random_clause(rng, neg_p=0, adv_p=0, question=q)
-        return _sentence(clause_en(c, q), "?"), _sentence(clause_de(c, question=q), "?")
-    sub = random_clause(rng, adv_p=0)
+        return sentence_pair("question", random_clause(rng, neg_p=0, adv_p=0, question=q), question=q)
     if kind == "dass":
-        subj = random_np(rng, "P", pronoun_p=0.3)
-        base = rng.choice(list(SAY_VERBS))
-        third, forms = SAY_VERBS[base]
-        return (_sentence(f"{np_en(subj)} {third if subj.person == 2 else base} that {clause_en(sub)}", "."),
-                _sentence(f"{np_de(subj)} {forms.split()[subj.person]}, dass {clause_de(sub, 'final')}", "."))
-    main = random_clause(rng, adv_p=0)
-    conj_en, conj_de = ("because", "weil") if kind == "weil" else ("when", "wenn")
-    if kind == "wenn_front":
-        return (_sentence(f"when {clause_en(sub)}, {clause_en(main)}", "."),
-                _sentence(f"wenn {clause_de(sub, 'final')}, {clause_de(main, 'v1')}", "."))
-    return (_sentence(f"{clause_en(main)} {conj_en} {clause_en(sub)}", "."),
-            _sentence(f"{clause_de(main)}, {conj_de} {clause_de(sub, 'final')}", "."))
+        say = (random_np(rng, "P", pronoun_p=0.3), rng.choice(list(SAY_VERBS)))
+        return sentence_pair("dass", random_clause(rng, adv_p=0), say=say)
+    return sentence_pair(kind, random_clause(rng, adv_p=0), random_clause(rng, adv_p=0))
 
 
 def generate_text(n: int, seed: int, min_words: int = 3, max_words: int = 20) -> list:
@@ -697,8 +711,10 @@ def write_demo_corpus(out: str | Path, cfg: DemoConfig = DemoConfig(), verbose: 
         shards = [talks[i:i + 5] for i in range(0, len(talks), 5)]   # shard layout is fixed: determinism
         plan.append((split, d, split_pairs, len(shards)))
         jobs += [(str(d / "wav"), s, cfg.noise) for s in shards]
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(cfg.workers, maxtasksperchild=1) as pool:  # a fresh process per shard: see Espeak
+    # a fresh process per shard (see Espeak); forked from a clean server, never from this process,
+    # which may have used eSpeak already
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(cfg.workers, maxtasksperchild=1) as pool:
         results = list(tqdm(pool.imap(_synthesize_talks, jobs), total=len(jobs), desc="speaking", disable=not verbose))
     seconds = 0
     for split, d, split_pairs, n_shards in plan:

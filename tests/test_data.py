@@ -1,0 +1,441 @@
+"""Tests of data.py: the demo corpus, the MuST-C reader and its errors, vocabulary, batches, augmentations."""
+import filecmp
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import data
+from data import NP, Clause
+
+TINY = data.DemoConfig(train=60, dev=10, test=10, talk_size=10, seed=7)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return data.write_demo_corpus(tmp_path_factory.mktemp("demo"), TINY, verbose=False)
+
+
+@pytest.fixture
+def broken(corpus, tmp_path) -> Path:
+    """A private copy of the tiny corpus that a test may break."""
+    return Path(shutil.copytree(corpus, tmp_path / "en-de"))
+
+
+def txt(root: Path, split="train", ext="yaml") -> Path:
+    return root / "data" / split / "txt" / f"{split}.{ext}"
+
+
+# ---------------------------------------------------------------------------------------- layout
+def test_demo_writes_mustc_layout(corpus):
+    for split, n in (("train", 60), ("dev", 10), ("tst-COMMON", 10)):
+        yaml_lines = txt(corpus, split).read_text().splitlines()
+        assert len(yaml_lines) == n
+        assert len(txt(corpus, split, "en").read_text().splitlines()) == n
+        assert len(txt(corpus, split, "de").read_text().splitlines()) == n
+        assert all(line.startswith("- {duration: ") and "offset: " in line and "speaker_id: " in line
+                   and "wav: " in line for line in yaml_lines)
+        wavs = {line.split("wav: ")[1].rstrip("}") for line in yaml_lines}
+        assert len(wavs) == n // TINY.talk_size          # one wav per talk
+        for w in wavs:
+            info = sf.info(str(corpus / "data" / split / "wav" / w))
+            assert (info.samplerate, info.channels) == (16000, 1)
+
+
+def test_segments_are_exact_and_one_speaker_per_talk(corpus):
+    d = data.MustcSplit(corpus, "train", verbose=False)
+    assert len(d) == 60
+    by_wav = {}
+    for s in d.segments:
+        by_wav.setdefault(s.wav, []).append(s)
+    for wav, segs in by_wav.items():
+        assert len({s.speaker for s in segs}) == 1
+        full, _ = sf.read(str(wav), dtype="float32")
+        for a, b in zip(segs, segs[1:]):
+            assert a.offset + a.frames < b.offset            # separated by silence, no overlap
+        for s in segs:
+            assert np.array_equal(d.read_audio(d.segments.index(s)), full[s.offset:s.offset + s.frames])
+    # the speech is in the segment, the silence between segments: energy says so
+    s = d.segments[1]
+    full, _ = sf.read(str(s.wav), dtype="float32")
+    gap = full[d.segments[0].offset + d.segments[0].frames:s.offset]
+    assert np.sqrt((d.read_audio(1) ** 2).mean()) > 5 * np.sqrt((gap ** 2).mean())
+
+
+def test_talks_use_distinct_voices():
+    # every talk draws a voice; the voices must really sound different (eSpeak accepts unknown variants silently)
+    tts = data.Espeak()
+    outs = {}
+    for v in ["en-us", "en-gb-x-rp", "en-us+f2", "en-029+m3", "en-gb-scotland", "en-us-nyc+klatt", "en+Alex", "en+f4"]:
+        tts.set_voice(v, 175, 50)
+        outs[v] = tts.speak("The old man reads a new book.")
+    spectra = {v: np.abs(np.fft.rfft(x.astype(np.float32)[:16000]))[:4000] for v, x in outs.items()}
+    names = list(spectra)
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            a, b = spectra[names[i]], spectra[names[j]]
+            assert np.corrcoef(a, b)[0, 1] < 0.98, (names[i], names[j])
+    assert len(data.VOICES) * len(data.VARIANTS) >= 8
+    with pytest.raises(ValueError, match="no voice"):
+        tts.set_voice("en-xx-nonexistent", 175, 50)
+
+
+def test_demo_is_deterministic(corpus, tmp_path):
+    again = data.write_demo_corpus(tmp_path / "again", TINY, verbose=False)
+    for split in data.SPLITS:
+        for ext in ("yaml", "en", "de"):
+            assert txt(corpus, split, ext).read_bytes() == txt(again, split, ext).read_bytes()
+        for wav in (corpus / "data" / split / "wav").iterdir():
+            assert filecmp.cmp(wav, again / "data" / split / "wav" / wav.name, shallow=False), wav.name
+    other = data.write_demo_corpus(tmp_path / "other", data.DemoConfig(**{**TINY.__dict__, "seed": 8}), verbose=False)
+    assert txt(other, "train", "en").read_bytes() != txt(corpus, "train", "en").read_bytes()
+
+
+def test_dev_and_test_sentences_are_not_in_train(corpus):
+    train = set(txt(corpus, "train", "en").read_text().splitlines())
+    train_de = set(txt(corpus, "train", "de").read_text().splitlines())
+    for split in ("dev", "tst-COMMON"):
+        assert not train & set(txt(corpus, split, "en").read_text().splitlines())
+        assert not train_de & set(txt(corpus, split, "de").read_text().splitlines())
+
+
+# ---------------------------------------------------------------------------------------- text
+def test_text_generator_coverage():
+    pairs = data.generate_text(4000, seed=3)
+    assert len({en for en, _ in pairs}) == 4000
+    lengths = [len(en.split()) for en, _ in pairs]
+    assert min(lengths) >= 3 and max(lengths) <= 20
+    types = {w.strip(".,?").lower() for en, _ in pairs for w in en.split()}
+    assert len(types) >= 400
+    de = " ".join(d for _, d in pairs)
+    for marker in (", dass ", ", weil ", ", wenn ", "Wenn ", " kein", " nicht", "?", " im ", " zum ", " zur "):
+        assert marker in de, marker
+    # the same seed gives the same text
+    assert data.generate_text(50, seed=3) == pairs[:50]
+
+
+# Hand-written reference translations. Each checks one piece of German grammar.
+REFERENCE = [
+    # gender and case of articles, adjective endings after der (weak) / ein (mixed) / none (strong)
+    (("main", Clause(NP("man", "the", "old"), "read", acc=NP("book", "a", "new"))),
+     "The old man reads a new book.", "Der alte Mann liest ein neues Buch."),
+    (("main", Clause(NP("woman", "a", "young"), "see", acc=NP("dog", "the", "black"))),
+     "A young woman sees the black dog.", "Eine junge Frau sieht den schwarzen Hund."),
+    (("main", Clause(NP("child", "my"), "drink", acc=NP("milk", "bare", "cold"))),
+     "My child drinks cold milk.", "Mein Kind trinkt kalte Milch."),
+    (("main", Clause(NP("cat", "bare", "hungry", plural=True), "eat", acc=NP("sausage", "bare", "fresh", True))),
+     "Hungry cats eat fresh sausages.", "Hungrige Katzen essen frische Würste."),
+    # dative object, dative plural -n, ditransitive order
+    (("main", Clause(NP("teacher", "the"), "give", dat=NP("child", "the", "small", True), acc=NP("apple", "a", "red"))),
+     "The teacher gives the small children a red apple.", "Der Lehrer gibt den kleinen Kindern einen roten Apfel."),
+    (("main", Clause(NP("girl", "the"), "help", dat=NP("man", "a", "old"))),
+     "The girl helps an old man.", "Das Mädchen hilft einem alten Mann."),
+    (("main", Clause(NP("dog", "the", plural=True), "follow", dat=NP("woman", "every"))),
+     "The dogs follow every woman.", "Die Hunde folgen jeder Frau."),
+    # prepositions with dative and accusative, contractions
+    (("main", Clause(NP("child", "the"), "play", pp=("in the garden", "im Garten"))),
+     "The child plays in the garden.", "Das Kind spielt im Garten."),
+    # verb agreement with pronouns and stem changes
+    (("main", Clause(NP(pron="you"), "read", acc=NP("letter", "the"))), "You read the letter.", "Du liest den Brief."),
+    (("main", Clause(NP(pron="I"), "read", acc=NP("letter", "the"))), "I read the letter.", "Ich lese den Brief."),
+    (("main", Clause(NP(pron="he"), "see", acc=NP(pron="she"))), "He sees her.", "Er sieht sie."),
+    (("main", Clause(NP(pron="we"), "work")), "We work.", "Wir arbeiten."),
+    # modal + infinitive at the end; "does not have to" is "muss nicht", not "darf nicht"
+    (("main", Clause(NP("baker", "the"), "sell", acc=NP("bread", "the"), mode="can")),
+     "The baker can sell the bread.", "Der Bäcker kann das Brot verkaufen."),
+    (("main", Clause(NP("child", "the", plural=True), "sleep", mode="must", neg=True)),
+     "The children do not have to sleep.", "Die Kinder müssen nicht schlafen."),
+    (("main", Clause(NP(pron="she"), "write", acc=NP("letter", "a"), mode="want")),
+     "She wants to write a letter.", "Sie will einen Brief schreiben."),
+    # perfect with haben / sein, participle at the end
+    (("main", Clause(NP("doctor", "my"), "buy", acc=NP("car", "a", "new"), mode="perfect")),
+     "My doctor has bought a new car.", "Mein Arzt hat ein neues Auto gekauft."),
+    (("main", Clause(NP("friend", "our", plural=True), "go", pp=("to the station", "zum Bahnhof"), mode="perfect")),
+     "Our friends have gone to the station.", "Unsere Freunde sind zum Bahnhof gegangen."),
+    # negation: kein for indefinite objects, nicht after definite ones
+    (("main", Clause(NP("man", "the"), "read", acc=NP("book", "a"), neg=True)),
+     "The man does not read a book.", "Der Mann liest kein Buch."),
+    (("main", Clause(NP("man", "the"), "read", acc=NP("book", "the"), neg=True)),
+     "The man does not read the book.", "Der Mann liest das Buch nicht."),
+    (("main", Clause(NP("woman", "the"), "drink", acc=NP("coffee", "bare"), neg=True, mode="perfect")),
+     "The woman has not drunk coffee.", "Die Frau hat keinen Kaffee getrunken."),
+    (("main", Clause(NP("house", "this"), "be", adj="big", neg=True)), "This house is not big.",
+     "Dieses Haus ist nicht groß."),
+    # questions
+    (("question", Clause(NP("cat", "the"), "sleep"), None, None, None, "yn"), "Does the cat sleep?", "Schläft die Katze?"),
+    (("question", Clause(NP("man", "the"), "read", acc=NP("book", "a")), None, None, None, "what"),
+     "What does the man read?", "Was liest der Mann?"),
+    (("question", Clause(NP("child", "the"), "swim", mode="can"), None, None, None, "where"),
+     "Where can the child swim?", "Wo kann das Kind schwimmen?"),
+    (("question", Clause(NP("man", "the"), "eat", acc=NP("apple", "the"), mode="perfect"), None, None, None, "who"),
+     "Who has eaten the apple?", "Wer hat den Apfel gegessen?"),
+    # verb-final subordinate clauses; inversion after a fronted clause or adverb
+    (("dass", Clause(NP("dog", "the"), "sleep"), None, (NP("teacher", "the"), "say")),
+     "The teacher says that the dog sleeps.", "Der Lehrer sagt, dass der Hund schläft."),
+    (("dass", Clause(NP("dog", "the"), "sleep"), None, (NP(pron="I"), "know")),
+     "I know that the dog sleeps.", "Ich weiß, dass der Hund schläft."),
+    (("weil", Clause(NP("child", "the"), "cry"), Clause(NP("dog", "the"), "eat", acc=NP("cake", "the"), mode="perfect")),
+     "The child cries because the dog has eaten the cake.", "Das Kind weint, weil der Hund den Kuchen gegessen hat."),
+    (("wenn_front", Clause(NP("child", "the", plural=True), "laugh"),
+      Clause(NP("singer", "the"), "sing", mode="want")),
+     "When the singer wants to sing, the children laugh.", "Wenn der Sänger singen will, lachen die Kinder."),
+    (("main", Clause(NP("father", "my"), "visit", acc=NP("museum", "the")), None, None, "tomorrow"),
+     "Tomorrow my father visits the museum.", "Morgen besucht mein Vater das Museum."),
+]
+
+
+@pytest.mark.parametrize("args,en,de", REFERENCE, ids=[r[1] for r in REFERENCE])
+def test_german_reference_pairs(args, en, de):
+    assert data.sentence_pair(*args) == (en, de)
+
+
+def test_prepositional_phrases_contract_and_take_their_case():
+    rng = random.Random(0)
+    seen = {kind: set() for kind in ("loc", "to", "from", "through", "with", "for")}
+    for _ in range(400):
+        for kind in seen:
+            seen[kind].add(data.random_pp(rng, kind)[1].split()[0])
+    assert seen["to"] >= {"zum", "zur"} and seen["from"] >= {"vom", "von"}
+    assert {"im", "am", "auf"} <= seen["loc"]
+    assert seen["through"] == {"durch"} and seen["with"] == {"mit"} and seen["for"] == {"für"}
+    # 'in dem' and 'zu der' never survive uncontracted after a definite article
+    for _ in range(300):
+        de = data.random_pp(rng, rng.choice(["loc", "to", "from"]))[1]
+        assert not de.startswith(("in dem ", "zu dem ", "zu der ", "an dem ", "von dem "))
+
+
+# ---------------------------------------------------------------------------------------- reader errors
+def test_yaml_and_text_count_mismatch_names_both_files(broken):
+    de = txt(broken, "train", "de")
+    de.write_text("".join(de.read_text().splitlines(keepends=True)[:-1]))
+    with pytest.raises(ValueError, match=r"train\.yaml has 60 segments but .*train\.de has 59 lines"):
+        data.MustcSplit(broken, "train", verbose=False)
+
+
+def test_missing_wav_is_named(broken):
+    (broken / "data" / "train" / "wav" / "demo_train_0002.wav").unlink()
+    with pytest.raises(FileNotFoundError, match=r"entry 21: wav .*demo_train_0002\.wav is missing"):
+        data.MustcSplit(broken, "train", verbose=False)
+
+
+def test_unreadable_wav_is_named(broken):
+    (broken / "data" / "train" / "wav" / "demo_train_0001.wav").write_bytes(b"not a wav file at all" * 10)
+    with pytest.raises(ValueError, match=r"entry 11: cannot read wav .*demo_train_0001\.wav"):
+        data.MustcSplit(broken, "train", verbose=False)
+
+
+def test_segment_past_end_of_wav(broken):
+    wav = broken / "data" / "train" / "wav" / "demo_train_0000.wav"
+    x, sr = sf.read(str(wav), dtype="int16")
+    sf.write(str(wav), x[: len(x) // 2], sr, subtype="PCM_16")
+    with pytest.raises(ValueError, match=r"entry \d+: segment ends at .* but demo_train_0000\.wav has only"):
+        data.MustcSplit(broken, "train", verbose=False)
+
+
+def test_other_sample_rate_is_resampled_once(broken, capsys):
+    a = data.MustcSplit(broken, "train", verbose=False).read_audio(0)
+    wav = broken / "data" / "train" / "wav" / "demo_train_0000.wav"
+    x, _ = sf.read(str(wav), dtype="float32")
+    import soxr
+    sf.write(str(wav), soxr.resample(x, 16000, 44100), 44100, subtype="FLOAT")
+    d = data.MustcSplit(broken, "train")
+    assert "44100 Hz; resampled once" in capsys.readouterr().out
+    cached = broken / "data" / "train" / "wav16k" / "demo_train_0000.wav"
+    assert cached.exists() and d.segments[0].wav == cached
+    b = d.read_audio(0)
+    assert len(a) == len(b) and np.corrcoef(a, b)[0, 1] > 0.99
+    stamp = cached.stat().st_mtime_ns
+    data.MustcSplit(broken, "train", verbose=False)
+    assert cached.stat().st_mtime_ns == stamp      # not resampled a second time
+
+
+def test_stereo_is_mixed_down(broken, capsys):
+    ref = data.MustcSplit(broken, "train", verbose=False).read_audio(3)
+    wav = broken / "data" / "train" / "wav" / "demo_train_0000.wav"
+    x, sr = sf.read(str(wav), dtype="float32")
+    sf.write(str(wav), np.stack([x, 0.5 * x], axis=1), sr, subtype="FLOAT")
+    d = data.MustcSplit(broken, "train")
+    assert "2 channels; mixing down" in capsys.readouterr().out
+    np.testing.assert_allclose(d.read_audio(3), 0.75 * ref, atol=1e-6)
+
+
+def test_empty_text_is_skipped_counted_and_pairing_kept(broken):
+    lines = txt(broken, "train", "en").read_text().splitlines()
+    lines[5] = "   "
+    txt(broken, "train", "en").write_text("\n".join(lines) + "\n")
+    d = data.MustcSplit(broken, "train", verbose=False)
+    assert d.skipped["empty text"] == 1 and len(d) == 59
+    de = txt(broken, "train", "de").read_text().splitlines()
+    for s in d.segments:
+        i = int(s.id.rsplit("_", 1)[1])
+        assert (s.src, s.tgt) == (lines[i], de[i])
+
+
+def test_text_that_is_not_utf8_names_file_and_line(broken):
+    p = txt(broken, "train", "de")
+    raw = p.read_bytes().split(b"\n")
+    raw[2] = "Käse".encode("latin-1")
+    p.write_bytes(b"\n".join(raw))
+    with pytest.raises(ValueError, match=r"train\.de:3: not UTF-8"):
+        data.MustcSplit(broken, "train", verbose=False)
+
+
+def test_duration_filters_are_counted(broken):
+    p = txt(broken, "train")
+    lines = p.read_text().splitlines()
+    lines[0] = lines[0].replace(lines[0].split("duration: ")[1].split(",")[0], "0.0500000")   # 800 samples
+    p.write_text("\n".join(lines) + "\n")
+    d = data.MustcSplit(broken, "train", verbose=False, max_frames=3 * 16000)
+    long = sum(1 for line in lines[1:] if float(line.split("duration: ")[1].split(",")[0]) > 3)
+    assert d.skipped == {"empty text": 0, "too short": 1, "too long": long} and len(d) == 59 - long
+    assert data.MustcSplit(broken, "dev", verbose=False, max_frames=None).skipped["too long"] == 0
+
+
+def test_yaml_written_by_a_yaml_library_is_read(broken):
+    import yaml
+    p = txt(broken, "train")
+    entries = data._read_yaml(p)
+    p.write_text(yaml.safe_dump([{k: (float(v) if k in ("offset", "duration") else v) for k, v in e.items()}
+                                 for e in entries], default_flow_style=False))
+    d = data.MustcSplit(broken, "train", verbose=False)
+    assert len(d) == 60
+
+
+# ---------------------------------------------------------------------------------------- vocabulary
+def test_vocabulary_layout_and_cache(broken):
+    v = data.build_vocab(broken, 300, verbose=False)
+    assert len(v) == 300
+    assert [v.sp.id_to_piece(i) for i in range(4)] == ["<s>", "<pad>", "</s>", "<unk>"]
+    assert v.lang_id("en") == 4 and v.lang_id("de") == 5
+    ids = v.encode_batch(["Der alte Mann liest ein Buch."], "de")[0]
+    assert ids[0] == 5 and ids[-1] == data.EOS_ID
+    assert v.decode(ids) == "Der alte Mann liest ein Buch."
+    assert v.decode(ids + [7, 8]) == "Der alte Mann liest ein Buch."      # stops at </s>
+    model = broken / "spm_unigram300.model"
+    stamp = model.stat().st_mtime_ns
+    data.build_vocab(broken, 300, verbose=False)
+    assert model.stat().st_mtime_ns == stamp                              # cached
+    p = txt(broken, "train", "en")
+    p.write_text(p.read_text().replace("The", "Thee"))
+    data.build_vocab(broken, 300, verbose=False)
+    assert model.stat().st_mtime_ns != stamp                              # retrained: the data changed
+    with pytest.raises(KeyError, match="lang:fr"):
+        v.lang_id("fr")
+
+
+# ---------------------------------------------------------------------------------------- batches
+def test_collate_pads_and_keeps_lengths(corpus):
+    v = data.build_vocab(corpus, 300, verbose=False)
+    d = data.MustcSplit(corpus, "dev", v, verbose=False)
+    b = data.collate([d[0], d[1], d[2]])
+    assert b.audio.dtype == torch.float32 and b.audio.shape == (3, max(len(d[i]["audio"]) for i in range(3)))
+    for i in range(3):
+        n = int(b.audio_lens[i])
+        assert torch.equal(b.audio[i, :n], torch.from_numpy(d[i]["audio"])) and (b.audio[i, n:] == 0).all()
+        assert b.src[i, 0] == v.lang_id("en") and b.tgt[i, 0] == v.lang_id("de")
+        assert (b.src[i, b.src_lens[i]:] == data.PAD_ID).all() and b.src[i, b.src_lens[i] - 1] == data.EOS_ID
+    assert data.lengths_to_padding_mask(torch.tensor([2, 4])).tolist() == [[False, False, True, True], [False] * 4]
+
+
+def test_sampler_covers_each_segment_once_within_bounds():
+    lengths = np.random.default_rng(0).integers(1000, 100_000, 500)
+    s = data.BucketBatchSampler(lengths, max_tokens=400_000, max_sentences=16, seed=3)
+    for epoch in range(2):
+        batches = s.batches(epoch)
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(500))
+        for b in batches:
+            assert len(b) <= 16 and (len(b) == 1 or len(b) * max(lengths[b]) <= 400_000)
+    assert s.batches(0) != s.batches(1)                                 # reshuffled per epoch
+    assert data.BucketBatchSampler(lengths, 400_000, 16, seed=3).batches(1) == s.batches(1)
+
+
+def test_ddp_shards_are_disjoint_and_cover():
+    lengths = np.random.default_rng(1).integers(1000, 50_000, 333)
+    shards = [data.BucketBatchSampler(lengths, 300_000, 8, seed=5, rank=r, world_size=3).batches(4) for r in range(3)]
+    flat = [set(i for b in sh for i in b) for sh in shards]
+    assert not (flat[0] & flat[1]) and not (flat[0] & flat[2]) and not (flat[1] & flat[2])
+    assert set().union(*flat) == set(range(333))
+
+
+def test_sampler_state_round_trips():
+    lengths = np.random.default_rng(2).integers(1000, 50_000, 200)
+    a = data.BucketBatchSampler(lengths, 200_000, 8, seed=9)
+    seen = []
+    for _ in range(2):                       # run past one epoch boundary
+        for batch in a:
+            seen.append(batch)
+            a.advance()
+            if len(seen) == len(a.batches(0)) + 3:
+                break
+    state = a.state_dict()
+    assert state["epoch"] == 1 and state["position"] == 3
+    b = data.BucketBatchSampler(lengths, 200_000, 8, seed=9)
+    b.load_state_dict(state)
+    assert list(b) == list(a) == a.batches(1)[3:]
+    with pytest.raises(ValueError, match="seed"):
+        data.BucketBatchSampler(lengths, 200_000, 8, seed=1).load_state_dict(state)
+
+
+def test_loader_with_workers_yields_batches(corpus):
+    v = data.build_vocab(corpus, 300, verbose=False)
+    d = data.MustcSplit(corpus, "train", v, verbose=False)
+    s = data.BucketBatchSampler([seg.frames for seg in d.segments], 20 * 16000, 8, seed=0)
+    ids = [i for b in data.make_loader(d, s, num_workers=2) for i in b.ids]
+    assert sorted(ids) == sorted(seg.id for seg in d.segments)
+
+
+# ---------------------------------------------------------------------------------------- augmentations
+def test_span_mask_properties():
+    g = torch.Generator().manual_seed(0)
+    T, M = 1_000_000, 3600
+    audio = torch.rand(2, T, generator=g) + 0.5           # no natural zeros
+    lens = torch.tensor([T, T // 2])
+    masked, mask = data.span_mask_audio(audio, lens, p=0.25, span=M, generator=g)
+    frac = mask[0].float().mean().item()
+    assert 0.15 <= frac <= 0.25
+    assert not mask[1, T // 2:].any()                    # padding never masked
+    assert (masked[mask] == 0).all() and torch.equal(masked[~mask], audio[~mask])
+    for row, n in ((0, T), (1, T // 2)):
+        m = mask[row, :n].int()
+        edges = torch.diff(torch.cat([torch.zeros(1, dtype=torch.int32), m, torch.zeros(1, dtype=torch.int32)]))
+        starts, ends = torch.nonzero(edges == 1).flatten(), torch.nonzero(edges == -1).flatten()
+        assert len(starts) >= 2 and ((ends - starts) >= M).all()
+    short = data.span_mask_audio(audio[:, :1000], torch.tensor([1000, 500]), span=M)[1]
+    assert not short.any()
+
+
+def test_word_repetition_properties():
+    g = torch.Generator().manual_seed(0)
+    special = {4, 2, data.PAD_ID}
+    tokens = torch.tensor([4, 10, 11, 12, 13, 14, 2])
+    lengths = []
+    for _ in range(2000):
+        out, counts = data.repeat_words(tokens, special, g)
+        assert counts[0] == 1 and counts[-1] == 1 and (counts >= 1).all()
+        assert (out == 4).sum() == 1 and (out == 2).sum() == 1 and out[0] == 4 and out[-1] == 2
+        # collapsing each run by the recorded counts gives the input back, in order
+        assert torch.equal(torch.stack([chunk[0] for chunk in out.split(counts.tolist())]), tokens)
+        assert all((chunk == chunk[0]).all() for chunk in out.split(counts.tolist()))
+        lengths.append(len(out) - 2)
+    assert abs(np.mean(lengths) / 5 - 2.0) < 0.05           # Poisson(1) + 1 copies on average
+    padded, lens = data.repeat_words_batch(torch.tensor([[4, 10, 2, 1], [4, 11, 12, 2]]), torch.tensor([3, 4]),
+                                           special, g)
+    assert padded.shape[0] == 2 and (padded[0, lens[0]:] == data.PAD_ID).all()
+
+
+# ---------------------------------------------------------------------------------------- command line
+def test_command_line_demo_and_stats(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "data.py", *a], capture_output=True, text=True, check=True,
+                                    cwd=Path(data.__file__).parent)
+    out = run("demo", "--out", str(tmp_path), "--train", "20", "--dev", "5", "--test", "5", "--talk_size", "5").stdout
+    assert "30 segments (train 20, dev 5, tst-COMMON 5)" in out and " h of speech" in out
+    out = run("stats", "--data", str(tmp_path / "en-de"), "--vocab_size", "200").stdout
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:] if line.split()[0] in data.SPLITS}
+    assert rows["train"][1] == "20" and rows["dev"][1] == "5" and rows["tst-COMMON"][1] == "5"
