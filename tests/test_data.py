@@ -41,6 +41,10 @@ def test_demo_writes_mustc_layout(corpus):
         assert len(txt(corpus, split, "de").read_text().splitlines()) == n
         assert all(line.startswith("- {duration: ") and "offset: " in line and "speaker_id: " in line
                    and "wav: " in line for line in yaml_lines)
+        for e in data._read_yaml(txt(corpus, split)):      # offsets are whole samples: exact
+            for key in ("offset", "duration"):
+                x = float(e[key]) * 16000
+                assert abs(x - round(x)) < 1e-6
         wavs = {line.split("wav: ")[1].rstrip("}") for line in yaml_lines}
         assert len(wavs) == n // TINY.talk_size          # one wav per talk
         for w in wavs:
@@ -305,6 +309,28 @@ def test_yaml_written_by_a_yaml_library_is_read(broken):
                                  for e in entries], default_flow_style=False))
     d = data.MustcSplit(broken, "train", verbose=False)
     assert len(d) == 60
+
+
+def test_reading_a_segment_does_not_read_the_talk(tmp_path):
+    """Memory must not grow with talk length: a 2 s segment at the end of a 20 min talk."""
+    import tracemalloc
+    root = tmp_path / "en-de"
+    (root / "data" / "dev" / "wav").mkdir(parents=True)
+    (root / "data" / "dev" / "txt").mkdir(parents=True)
+    n = 20 * 60 * 16000
+    with sf.SoundFile(str(root / "data" / "dev" / "wav" / "long.wav"), "w", 16000, 1, subtype="PCM_16") as f:
+        for _ in range(20):
+            f.write(np.full(60 * 16000, 0.1, np.float32))
+    txt(root, "dev").write_text(f"- {{duration: 2.0, offset: {(n - 40000) / 16000}, speaker_id: a, wav: long.wav}}\n")
+    txt(root, "dev", "en").write_text("a b c\n")
+    txt(root, "dev", "de").write_text("x y z\n")
+    d = data.MustcSplit(root, "dev", verbose=False)
+    tracemalloc.start()
+    x = d.read_audio(0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(x) == 32000 and np.allclose(x, 0.1, atol=1e-4)
+    assert peak < 4 * x.nbytes            # the talk is 38 MB as int16; we hold about one segment
 
 
 # ---------------------------------------------------------------------------------------- vocabulary
