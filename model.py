@@ -1,9 +1,13 @@
 """model.py: the network.
 
 Read top to bottom:
-  1. ModelConfig and its presets
+  1. ModelConfig and its presets (`base`: the papers' 150M model; `tiny`: the CPU demo)
   2. wav2vec2, written from scratch with Hugging Face's parameter names (loading is a key copy)
   3. loading real wav2vec2 checkpoints: Hugging Face folders/files and fairseq's wav2vec_small.pt
+  4. the log-mel front end, a switch for CPU runs
+  5. the ConST encoder-decoder (METHODS §1.3): length adaptor, word embeddings, shared encoder,
+     decoder, and `SpeechTranslator` with the pieces the losses use
+  6. generation: greedy and batched beam search with a KV cache
 
 Shapes: B batch, S audio samples, T frames, D width. Lengths travel with tensors; padding masks
 are True on padding (data.lengths_to_padding_mask).
@@ -21,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from data import lengths_to_padding_mask
+from data import EOS_ID, PAD_ID, lengths_to_padding_mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,6 +65,52 @@ class Wav2Vec2Config:
             if k in kw:
                 kw[k] = tuple(kw[k])
         return cls(**kw)
+
+
+@dataclass
+class ModelConfig:
+    """The ConST model (METHODS §1.3). Defaults are the `base` preset: the papers' model."""
+    vocab_size: int = 10_000
+    frontend: str = "wav2vec2"      # wav2vec2 | logmel (a CPU switch; the papers use wav2vec2)
+    w2v: Wav2Vec2Config = field(default_factory=Wav2Vec2Config)
+    w2v_path: str = ""              # a pretrained wav2vec2 to load (HF folder or fairseq .pt); "" = random init
+    n_mels: int = 80                # log-mel front end: mel bins ...
+    logmel_dim: int = 256           # ... and width after its stride-2 conv
+    adaptor_channels: int = 1024    # length adaptor: Conv1d(k 5, s 2) to 2 x d_model, then GLU, twice
+    adaptor_layers: int = 2
+    d_model: int = 512
+    n_heads: int = 8
+    ffn_dim: int = 2048
+    encoder_layers: int = 6         # the shared (speech and text) encoder, pre-LN
+    decoder_layers: int = 6
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.1
+    max_positions: int = 4096
+
+
+PRESETS = {
+    "base": ModelConfig(),
+    # narrowed and shallowed for a CPU: same layout, about 1/30 of the compute per utterance
+    "tiny": ModelConfig(
+        vocab_size=1000,
+        w2v=Wav2Vec2Config(conv_dim=(64,) * 7, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=1024, num_conv_pos_embeddings=64, num_conv_pos_embedding_groups=16,
+                           layerdrop=0.0),
+        adaptor_channels=512, d_model=256, n_heads=4, ffn_dim=1024, encoder_layers=4, decoder_layers=3),
+}
+
+
+def model_config(preset: str, **overrides) -> ModelConfig:
+    if preset not in PRESETS:
+        raise KeyError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    import copy
+    cfg = copy.deepcopy(PRESETS[preset])
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise KeyError(f"ModelConfig has no field {k!r}")
+        setattr(cfg, k, v)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,3 +442,378 @@ def load_wav2vec2(path: str | Path) -> Wav2Vec2Model:
     model = Wav2Vec2Model(cfg)
     return _copy_state(model, ckpt["model"], _expand(FAIRSEQ_TO_HF, len(cfg.conv_dim), cfg.num_hidden_layers),
                        str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The log-mel front end: a CPU switch with wav2vec2's frame rate (20 ms) and interface
+# ----------------------------------------------------------------------------------------------
+def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int = 16_000) -> torch.Tensor:
+    """(n_fft // 2 + 1, n_mels) triangular filters, evenly spaced on the HTK mel scale."""
+    mel = lambda f: 2595 * math.log10(1 + f / 700)
+    hz = lambda m: 700 * (10 ** (m / 2595) - 1)
+    edges = torch.tensor([hz(m) for m in torch.linspace(mel(0), mel(sample_rate / 2), n_mels + 2).tolist()])
+    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    lo, mid, hi = edges[:-2], edges[1:-1], edges[2:]
+    up = (freqs[:, None] - lo) / (mid - lo)
+    down = (hi - freqs[:, None]) / (hi - mid)
+    return torch.clamp(torch.minimum(up, down), min=0)
+
+
+class LogMelFrontend(nn.Module):
+    """audio (B, S) -> (B, T, logmel_dim): 25 ms / 10 ms log-mel, per-utterance mean and variance
+    normalisation over valid frames, one Conv1d(k 3, s 2) + GELU to 20 ms frames."""
+
+    def __init__(self, cfg: ModelConfig, n_fft: int = 400, hop: int = 160):
+        super().__init__()
+        self.n_fft, self.hop = n_fft, hop
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        self.register_buffer("fbank", mel_filterbank(n_fft, cfg.n_mels), persistent=False)
+        self.conv = nn.Conv1d(cfg.n_mels, cfg.logmel_dim, 3, stride=2, padding=1)
+
+    def output_lengths(self, lens: torch.Tensor) -> torch.Tensor:
+        frames = torch.div(lens - self.n_fft, self.hop, rounding_mode="floor") + 1
+        return torch.div(frames.clamp(min=1) - 1, 2, rounding_mode="floor") + 1
+
+    def forward(self, audio: torch.Tensor, lens: torch.Tensor) -> tuple:
+        with torch.autocast(audio.device.type, enabled=False):   # spectra in fp32
+            spec = torch.stft(audio.float(), self.n_fft, self.hop, window=self.window, center=False,
+                              return_complex=True).abs().pow(2)  # (B, F, T)
+            x = torch.log(torch.einsum("bft,fm->bmt", spec, self.fbank) + 1e-6)
+            frames = (torch.div(lens - self.n_fft, self.hop, rounding_mode="floor") + 1).clamp(min=1)
+            valid = (~lengths_to_padding_mask(frames, x.shape[-1]))[:, None].float()
+            n = valid.sum(-1, keepdim=True)
+            mean = (x * valid).sum(-1, keepdim=True) / n
+            std = ((((x - mean) * valid) ** 2).sum(-1, keepdim=True) / n + 1e-5).sqrt()
+            x = (x - mean) / std * valid
+        return F.gelu(self.conv(x)).transpose(1, 2), self.output_lengths(lens)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The ConST encoder-decoder
+# ----------------------------------------------------------------------------------------------
+class LengthAdaptor(nn.Module):
+    """fairseq's Conv1dSubsampler: per layer Conv1d(k 5, s 2, p 2) to 2*out channels, then GLU.
+    (B, T, in) -> (B, T', d_model), T' = f(f(T)), f(L) = floor((L - 1) / 2) + 1 (METHODS §1.13.1)."""
+
+    def __init__(self, in_dim: int, channels: int, out_dim: int, layers: int = 2, kernel: int = 5):
+        super().__init__()
+        dims = [in_dim] + [channels // 2] * (layers - 1) + [out_dim]
+        self.conv_layers = nn.ModuleList(nn.Conv1d(dims[i], 2 * dims[i + 1] if i == layers - 1 else channels,
+                                                   kernel, stride=2, padding=kernel // 2) for i in range(layers))
+
+    def forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple:
+        x = x.transpose(1, 2)
+        for conv in self.conv_layers:
+            # zero the padding first: then a padded batch item equals its unpadded run
+            x = x.masked_fill(lengths_to_padding_mask(lens, x.shape[-1])[:, None], 0.0)
+            x = F.glu(conv(x), dim=1)
+            lens = torch.div(lens - 1, 2, rounding_mode="floor") + 1
+        return x.transpose(1, 2), lens
+
+
+def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
+    """(n, d) fixed positions: sin on the first half of the channels, cos on the second (fairseq layout)."""
+    half = d // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float) * -(math.log(10000.0) / (half - 1)))
+    angle = torch.arange(n, dtype=torch.float)[:, None] * freq[None]
+    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
+
+
+class MultiheadAttention(nn.Module):
+    """Attention through scaled_dot_product_attention, with an optional KV cache.
+
+    x (B, L, D) queries; kv (B, T, D) keys/values (None: self-attention); key_pad_mask (B, T)
+    True on padding; cache: a dict this layer fills (self-attention appends each step's key and
+    value, cross-attention computes them once)."""
+
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:           # (B, L, D) -> (B, H, L, D/H)
+        B, L, D = x.shape
+        return x.view(B, L, self.heads, D // self.heads).transpose(1, 2)
+
+    def forward(self, x, kv=None, key_pad_mask=None, causal: bool = False, cache: dict | None = None):
+        q = self._split(self.q_proj(x))
+        if kv is not None and cache is not None and "k" in cache:      # cross-attention: computed once
+            k, v = cache["k"], cache["v"]
+        else:
+            src = x if kv is None else kv
+            k, v = self._split(self.k_proj(src)), self._split(self.v_proj(src))
+            if cache is not None and kv is None and "k" in cache:      # self-attention: append this step
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            if cache is not None:
+                cache["k"], cache["v"] = k, v
+        mask = None if key_pad_mask is None else ~key_pad_mask[:, None, None, :]
+        causal = causal and q.shape[2] > 1                              # one new query sees the whole past
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        B, H, L, Dh = y.shape
+        return self.out_proj(y.transpose(1, 2).reshape(B, L, H * Dh))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(cfg.d_model, cfg.ffn_dim), nn.Linear(cfg.ffn_dim, cfg.d_model)
+        self.activation_dropout = nn.Dropout(cfg.activation_dropout)
+
+    def forward(self, x):
+        return self.fc2(self.activation_dropout(F.relu(self.fc1(x))))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN: x += Attn(LN(x)); x += FFN(LN(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = MultiheadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.self_attn_layer_norm, self.final_layer_norm = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.ffn, self.dropout = FeedForward(cfg), nn.Dropout(cfg.dropout)
+
+    def forward(self, x, pad_mask):
+        x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), key_pad_mask=pad_mask))
+        return x + self.dropout(self.ffn(self.final_layer_norm(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-LN: causal self-attention, cross-attention to the encoder, FFN."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = MultiheadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.encoder_attn = MultiheadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.encoder_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.ffn, self.dropout = FeedForward(cfg), nn.Dropout(cfg.dropout)
+
+    def forward(self, x, enc, enc_pad_mask, cache: dict | None = None):
+        self_cache = cross_cache = None
+        if cache is not None:
+            self_cache, cross_cache = cache.setdefault("self", {}), cache.setdefault("cross", {})
+        x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), causal=True, cache=self_cache))
+        x = x + self.dropout(self.encoder_attn(self.encoder_attn_layer_norm(x), enc, enc_pad_mask, cache=cross_cache))
+        return x + self.dropout(self.ffn(self.final_layer_norm(x)))
+
+
+@dataclass
+class Outputs:
+    """Everything a loss may need from one forward pass. Shapes: low-level (B, T, D) states are
+    the shared encoder's inputs, high-level ones its outputs; logits[task] (B, L, V) predict
+    targets[task] (B, L), whose position 0 is the language tag."""
+    speech_low: torch.Tensor | None = None
+    speech_high: torch.Tensor | None = None
+    speech_lens: torch.Tensor | None = None
+    text_low: torch.Tensor | None = None
+    text_high: torch.Tensor | None = None
+    text_lens: torch.Tensor | None = None
+    logits: dict = field(default_factory=dict)
+    targets: dict = field(default_factory=dict)
+
+
+def shift_right(tokens: torch.Tensor) -> torch.Tensor:
+    """Decoder input for `<lang:xx> y </s>`: `</s> <lang:xx> y` (fairseq puts </s> first)."""
+    prev = torch.cat([torch.full_like(tokens[:, :1], EOS_ID), tokens[:, :-1]], dim=1)
+    return prev.masked_fill(tokens == PAD_ID, PAD_ID)
+
+
+class SpeechTranslator(nn.Module):
+    """wav2vec2 (or log-mel) -> length adaptor -> shared encoder <- word embeddings; one decoder
+    for ST, ASR and MT; one embedding matrix tied three ways (text input, decoder input, output)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.frontend == "wav2vec2":
+            self.wav2vec2 = load_wav2vec2(cfg.w2v_path) if cfg.w2v_path else Wav2Vec2Model(cfg.w2v)
+            front_dim = self.wav2vec2.cfg.hidden_size
+        elif cfg.frontend == "logmel":
+            self.logmel = LogMelFrontend(cfg)
+            front_dim = cfg.logmel_dim
+        else:
+            raise ValueError(f"frontend must be 'wav2vec2' or 'logmel', not {cfg.frontend!r}")
+        self.subsample = LengthAdaptor(front_dim, cfg.adaptor_channels, cfg.d_model, cfg.adaptor_layers)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=PAD_ID)
+        nn.init.normal_(self.embed_tokens.weight, 0, cfg.d_model ** -0.5)
+        with torch.no_grad():
+            self.embed_tokens.weight[PAD_ID].zero_()
+        self.register_buffer("positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
+        self.embed_scale = math.sqrt(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.encoder_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.decoder_layer_norm = nn.LayerNorm(cfg.d_model)
+
+    def freeze_wav2vec2(self, frozen: bool = True):
+        """Fine-tuning recipes keep all of wav2vec2 fixed for the first N updates (train.py calls
+        this at step 0 and N); the conv feature encoder can stay frozen for good
+        (`self.wav2vec2.freeze_feature_encoder()`)."""
+        for p in self.wav2vec2.parameters():
+            p.requires_grad_(not frozen)
+
+    def _embed(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """x * sqrt(d) + sinusoidal positions + dropout: ConST's low-level representation."""
+        return self.dropout(x * self.embed_scale + self.positions[offset:offset + x.shape[1]].to(x.dtype))
+
+    def encode_speech(self, audio: torch.Tensor, lens: torch.Tensor) -> tuple:
+        """audio (B, S), lens (B,) -> low-level speech states (B, T, D) and their lengths (B,)."""
+        if self.cfg.frontend == "wav2vec2":
+            x, lens = self.wav2vec2(audio, lens)
+        else:
+            x, lens = self.logmel(audio, lens)
+        x, lens = self.subsample(x, lens)
+        return self._embed(x), lens
+
+    def encode_text(self, tokens: torch.Tensor, lens: torch.Tensor) -> tuple:
+        """tokens (B, L) `<lang:en> x </s>` -> low-level text states (B, L, D) and lengths."""
+        return self._embed(self.embed_tokens(tokens)), lens
+
+    def encode(self, states: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """The shared encoder: (B, T, D) low-level states -> (B, T, D) high-level states."""
+        pad_mask = lengths_to_padding_mask(lens, states.shape[1])
+        x = states
+        for layer in self.encoder_layers:
+            x = layer(x, pad_mask)
+        return self.encoder_layer_norm(x)
+
+    def decode(self, prev_tokens: torch.Tensor, enc: torch.Tensor, enc_lens: torch.Tensor,
+               cache: list | None = None, offset: int = 0) -> torch.Tensor:
+        """prev_tokens (B, L) -> logits (B, L, V). With `cache` (a list, one dict per layer, filled
+        here), pass only the new tokens and their position `offset`."""
+        pad_mask = lengths_to_padding_mask(enc_lens, enc.shape[1])
+        x = self._embed(self.embed_tokens(prev_tokens), offset)
+        for i, layer in enumerate(self.decoder_layers):
+            if cache is not None and len(cache) <= i:
+                cache.append({})
+            x = layer(x, enc, pad_mask, None if cache is None else cache[i])
+        return F.linear(self.decoder_layer_norm(x), self.embed_tokens.weight)
+
+    def forward(self, batch, tasks=("st", "asr", "mt"), reencode_asr: bool = True) -> Outputs:
+        """Run the tasks on one batch (data.Batch). ASR encodes the speech a second time, with
+        fresh dropout, as ConST does (METHODS §1.4); `reencode_asr=False` reuses the ST pass."""
+        out = Outputs()
+        if "st" in tasks or "asr" in tasks:
+            out.speech_low, out.speech_lens = self.encode_speech(batch.audio, batch.audio_lens)
+            out.speech_high = self.encode(out.speech_low, out.speech_lens)
+        if "st" in tasks:
+            out.logits["st"] = self.decode(shift_right(batch.tgt), out.speech_high, out.speech_lens)
+            out.targets["st"] = batch.tgt
+        if "asr" in tasks:
+            enc = out.speech_high
+            if reencode_asr and "st" in tasks:
+                enc = self.encode(*self.encode_speech(batch.audio, batch.audio_lens))
+            out.logits["asr"] = self.decode(shift_right(batch.src), enc, out.speech_lens)
+            out.targets["asr"] = batch.src
+        if "mt" in tasks:
+            out.text_low, out.text_lens = self.encode_text(batch.src, batch.src_lens)
+            out.text_high = self.encode(out.text_low, out.text_lens)
+            out.logits["mt"] = self.decode(shift_right(batch.tgt), out.text_high, out.text_lens)
+            out.targets["mt"] = batch.tgt
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # 6. Generation
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _reorder(cache: list, order: torch.Tensor):
+        for layer in cache:
+            for part in layer.values():
+                for k in part:
+                    part[k] = part[k].index_select(0, order)
+
+    def _max_lens(self, enc_lens, max_len_a, max_len_b):
+        return (max_len_a * enc_lens.float() + max_len_b).long().clamp(max=self.cfg.max_positions - 2)
+
+    @torch.no_grad()
+    def greedy(self, enc: torch.Tensor, enc_lens: torch.Tensor, lang_id: int, max_len_a: float = 1.2,
+               max_len_b: int = 10) -> list:
+        """Greedy search with the KV cache: the most likely token at every step (see `generate`)."""
+        B, device = enc.shape[0], enc.device
+        max_lens = self._max_lens(enc_lens, max_len_a, max_len_b)
+        tokens = torch.tensor([EOS_ID, lang_id], device=device).repeat(B, 1)
+        cache, out, alive = [], [[] for _ in range(B)], [True] * B
+        logits = self.decode(tokens, enc, enc_lens, cache)[:, -1]
+        for step in range(int(max_lens.max()) + 1):
+            logits[:, PAD_ID] = float("-inf")
+            nxt = logits.argmax(-1)
+            nxt[step + 1 >= max_lens] = EOS_ID
+            for b in range(B):
+                if alive[b] and nxt[b] == EOS_ID:
+                    alive[b] = False
+                elif alive[b]:
+                    out[b].append(int(nxt[b]))
+            if not any(alive):
+                break
+            tokens = torch.cat([tokens, nxt[:, None]], 1)
+            logits = self.decode(nxt[:, None], enc, enc_lens, cache, offset=tokens.shape[1] - 1)[:, -1]
+        return out
+
+    @torch.no_grad()
+    def generate(self, enc: torch.Tensor, enc_lens: torch.Tensor, lang_id: int, beam: int = 5,
+                 max_len_a: float = 1.2, max_len_b: int = 10, len_penalty: float = 1.0,
+                 use_cache: bool = True) -> list:
+        """Translate encoder states (B, T, D) into token lists (tag and </s> stripped).
+
+        The decoder starts from `</s> <lang:xx>` (the tag is forced), and stops at `</s>` or at
+        `max_len_a * T_i + max_len_b` tokens. Hypotheses are ranked by log-probability divided
+        by length ** len_penalty. beam=1 is greedy search."""
+        B, device = enc.shape[0], enc.device
+        max_lens = self._max_lens(enc_lens, max_len_a, max_len_b)
+        K = beam
+        enc, enc_lens, max_lens = (t.repeat_interleave(K, 0) for t in (enc, enc_lens, max_lens))
+        tokens = torch.tensor([EOS_ID, lang_id], device=device).repeat(B * K, 1)   # (B*K, 2)
+        scores = torch.zeros(B, K, device=device)
+        scores[:, 1:] = float("-inf")             # all beams start identical: keep one
+        finished = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        cache = [] if use_cache else None
+        logits = self.decode(tokens, enc, enc_lens, cache) if use_cache else None
+        for step in range(int(max_lens.max()) + 1):
+            if use_cache:
+                last = logits[:, -1] if step == 0 else self.decode(tokens[:, -1:], enc, enc_lens, cache,
+                                                                    offset=tokens.shape[1] - 1)[:, -1]
+            else:
+                last = self.decode(tokens, enc, enc_lens)[:, -1]
+            logp = F.log_softmax(last.float(), dim=-1)                          # (B*K, V)
+            n_out = tokens.shape[1] - 1                                         # tokens after </s>, tag included
+            force_eos = (n_out >= max_lens)                                     # out of length: must end
+            logp[force_eos] = torch.where(torch.arange(logp.shape[1], device=device) == EOS_ID, 0.0, float("-inf"))
+            logp[:, PAD_ID] = float("-inf")
+            V = logp.shape[1]
+            cand = (scores.view(B * K, 1) + logp).view(B, K * V)
+            top_scores, top_idx = cand.topk(2 * K, dim=1)                      # (B, 2K)
+            beam_idx, tok = top_idx // V, top_idx % V
+            new_scores = torch.full((B, K), float("-inf"), device=device)
+            new_src = torch.zeros(B, K, dtype=torch.long, device=device)
+            new_tok = torch.full((B, K), PAD_ID, dtype=torch.long, device=device)
+            for b in range(B):
+                if done[b]:
+                    new_src[b] = b * K            # keep shapes; the sentence is finished
+                    continue
+                kept = 0
+                for j in range(2 * K):
+                    s, bi, t = top_scores[b, j].item(), beam_idx[b, j].item(), tok[b, j].item()
+                    if s == float("-inf"):
+                        break
+                    if t == EOS_ID:
+                        hyp = tokens[b * K + bi, 2:].tolist()
+                        finished[b].append((s / (len(hyp) + 1) ** len_penalty, hyp))
+                    else:
+                        new_scores[b, kept], new_src[b, kept], new_tok[b, kept] = s, b * K + bi, t
+                        kept += 1
+                    if kept == K:
+                        break
+                if len(finished[b]) >= K or kept == 0:
+                    done[b] = True
+            if done.all():
+                break
+            order = new_src.view(-1)
+            tokens = torch.cat([tokens.index_select(0, order), new_tok.view(-1, 1)], dim=1)
+            scores = new_scores
+            if use_cache:
+                self._reorder(cache, order)
+        return [max(f)[1] if f else [] for f in finished]

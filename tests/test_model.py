@@ -1,4 +1,4 @@
-"""Tests of model.py: wav2vec2 written from scratch against Hugging Face's, and checkpoint loading."""
+"""Tests of model.py: wav2vec2 against Hugging Face's, checkpoint loading, the ConST model, generation."""
 import argparse
 
 import pytest
@@ -7,7 +7,6 @@ import torch
 import model
 from model import Wav2Vec2Config, Wav2Vec2Model, load_wav2vec2
 
-transformers = pytest.importorskip("transformers")   # test-only reference, in requirements.txt
 
 SMALL = dict(conv_dim=[32, 32, 32], conv_kernel=[10, 3, 2], conv_stride=[5, 2, 2], hidden_size=48,
              num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, num_conv_pos_embeddings=16,
@@ -16,6 +15,7 @@ SMALL = dict(conv_dim=[32, 32, 32], conv_kernel=[10, 3, 2], conv_stride=[5, 2, 2
 
 def hf_model(tmp_path, base: bool = False, legacy_weight_norm: bool = False, **over):
     """A randomly initialised HF Wav2Vec2Model, saved with save_pretrained; returns (model, folder)."""
+    transformers = pytest.importorskip("transformers")   # test-only reference, in requirements.txt
     torch.manual_seed(0)
     cfg = transformers.Wav2Vec2Config(**({} if base else SMALL), **over)
     ref = transformers.Wav2Vec2Model(cfg).eval()
@@ -191,3 +191,194 @@ def test_finetuning_switches(tmp_path):
         assert torch.allclose(c(audio)[0], skipped, atol=1e-6)
         c.eval()
         assert not torch.allclose(c(audio)[0], skipped, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------- the ConST model
+def tiny_model(frontend="wav2vec2", vocab=50, **over) -> model.SpeechTranslator:
+    torch.manual_seed(0)
+    cfg = model.model_config("tiny", vocab_size=vocab, frontend=frontend, **over)
+    cfg.w2v.num_hidden_layers, cfg.encoder_layers, cfg.decoder_layers = 1, 2, 2
+    return model.SpeechTranslator(cfg).eval()
+
+
+def fake_batch(B=3, vocab=50, seed=0):
+    import data
+    g = torch.Generator().manual_seed(seed)
+    audio_lens = torch.tensor([16000, 9000, 5000][:B])
+    audio = torch.randn(B, 16000, generator=g) * 0.1
+    audio = audio.masked_fill(data.lengths_to_padding_mask(audio_lens), 0.0)
+    def seqs(lang, lens):
+        rows = [[lang] + torch.randint(6, vocab, (n - 2,), generator=g).tolist() + [data.EOS_ID] for n in lens]
+        return data.pad_sequences(rows, data.PAD_ID)
+    src, src_lens = seqs(4, [9, 7, 5][:B])
+    tgt, tgt_lens = seqs(5, [10, 6, 8][:B])
+    return data.Batch([f"u{i}" for i in range(B)], audio, audio_lens, src, src_lens, tgt, tgt_lens)
+
+
+def test_parameter_counts():
+    base = model.SpeechTranslator(model.model_config("base"))
+    n = sum(p.numel() for p in base.parameters())
+    assert 145e6 < n < 155e6                                 # "about 150M parameters" (ConST §4.1)
+    assert base.embed_tokens.weight.shape == (10_000, 512)
+    tiny = model.SpeechTranslator(model.model_config("tiny"))
+    assert sum(p.numel() for p in tiny.parameters()) < n / 10
+    with pytest.raises(KeyError, match="unknown model preset"):
+        model.model_config("huge")
+
+
+def test_length_adaptor_lengths_and_padding():
+    ad = model.LengthAdaptor(16, 32, 8).eval()
+    lens = torch.tensor([1, 2, 5, 17, 40])
+    x = torch.randn(5, 40, 16)
+    y, out = ad(x, lens)
+    f = lambda L: (L - 1) // 2 + 1
+    assert out.tolist() == [f(f(n)) for n in lens.tolist()] and y.shape == (5, f(f(40)), 8)
+    for i, n in enumerate(lens.tolist()):                    # a padded item equals its unpadded run
+        alone, _ = ad(x[i:i + 1, :n], lens[i:i + 1])
+        assert torch.allclose(y[i, :out[i]], alone[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("frontend", ["wav2vec2", "logmel"])
+def test_speech_encoding_is_padding_invariant(frontend):
+    m = tiny_model(frontend)
+    b = fake_batch()
+    with torch.no_grad():
+        low, lens = m.encode_speech(b.audio, b.audio_lens)
+        high = m.encode(low, lens)
+        for i in range(3):
+            n = int(b.audio_lens[i])
+            low_i, lens_i = m.encode_speech(b.audio[i:i + 1, :n], b.audio_lens[i:i + 1])
+            assert int(lens_i) == int(lens[i]) and low_i.shape[1] == int(lens[i])
+            assert (low[i, :lens[i]] - low_i[0]).abs().max() < 1e-4
+            assert (high[i, :lens[i]] - m.encode(low_i, lens_i)[0]).abs().max() < 1e-4
+    assert low.shape[-1] == m.cfg.d_model
+
+
+def test_forward_outputs_and_tied_embeddings():
+    m = tiny_model()
+    b = fake_batch()
+    out = m(b)
+    assert set(out.logits) == {"st", "asr", "mt"}
+    assert out.logits["st"].shape == (*b.tgt.shape, 50) and out.logits["asr"].shape == (*b.src.shape, 50)
+    assert torch.equal(out.targets["mt"], b.tgt) and torch.equal(out.targets["asr"], b.src)
+    assert out.text_low.shape == (*b.src.shape, m.cfg.d_model) and out.speech_high.shape == out.speech_low.shape
+    assert model.shift_right(b.tgt)[0, :3].tolist() == [2, 5, b.tgt[0, 1].item()]
+    assert (model.shift_right(b.tgt)[b.tgt == 1] == 1).all()
+    # one matrix, three uses: a gradient from each path reaches the same tensor
+    sum(o.float().pow(2).mean() for o in out.logits.values()).backward()
+    assert m.embed_tokens.weight.grad is not None and m.embed_tokens.weight.grad.abs().sum() > 0
+    vocab_sized = [n for n, p in m.named_parameters() if 50 in p.shape]
+    assert vocab_sized == ["embed_tokens.weight"]              # no separate output projection
+    # the decoder cannot look ahead: changing a later target token leaves earlier logits unchanged
+    b2 = fake_batch()
+    b2.tgt[0, 5] = 7
+    with torch.no_grad():
+        a, c = m(b, ("mt",)).logits["mt"], m(b2, ("mt",)).logits["mt"]
+    assert torch.allclose(a[0, :5], c[0, :5], atol=1e-5) and not torch.allclose(a[0, 6], c[0, 6], atol=1e-5)
+
+
+def test_bf16_autocast_forward_is_finite():
+    m = tiny_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(fake_batch())
+    assert all(torch.isfinite(v.float()).all() for v in out.logits.values())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, lens = tiny_model("logmel").encode_speech(fake_batch().audio, fake_batch().audio_lens)
+    assert torch.isfinite(low.float()).all()
+
+
+# ---------------------------------------------------------------------------------------- generation
+def encoded(m, b):
+    with torch.no_grad():
+        low, lens = m.encode_text(b.src, b.src_lens)
+        return m.encode(low, lens), lens
+
+
+def test_cached_decoding_equals_full_recomputation():
+    m = tiny_model()
+    b = fake_batch()
+    enc, lens = encoded(m, b)
+    prev = model.shift_right(b.tgt)
+    with torch.no_grad():
+        full = m.decode(prev, enc, lens)
+        cache, steps = [], []
+        for t in range(prev.shape[1]):
+            steps.append(m.decode(prev[:, t:t + 1], enc, lens, cache, offset=t))
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-5
+
+
+def naive_greedy(m, enc, lens, lang, max_len):
+    """Reference: recompute the whole prefix every step, no cache."""
+    out = []
+    tokens = torch.tensor([[2, lang]])
+    for _ in range(max_len):
+        logits = m.decode(tokens, enc, lens)[0, -1]
+        logits[1] = float("-inf")
+        t = int(logits.argmax())
+        if t == 2 or len(out) + 2 > max_len:
+            break
+        out.append(t)
+        tokens = torch.cat([tokens, torch.tensor([[t]])], 1)
+    return out
+
+
+def test_greedy_beam1_and_forced_tag():
+    m = tiny_model()
+    b = fake_batch()
+    enc, lens = encoded(m, b)
+    greedy = m.greedy(enc, lens, lang_id=5, max_len_a=0, max_len_b=12)
+    assert greedy == m.generate(enc, lens, lang_id=5, beam=1, max_len_a=0, max_len_b=12)
+    with torch.no_grad():
+        ref = [naive_greedy(m, enc[i:i + 1, :lens[i]], lens[i:i + 1], 5, 12) for i in range(3)]
+    assert greedy == ref
+    assert all(0 < len(h) <= 11 for h in greedy) and all(2 not in h and 1 not in h for h in greedy)
+    assert m.greedy(enc, lens, lang_id=4, max_len_a=0, max_len_b=12) != greedy       # the tag steers
+
+
+def test_beam_search_batch_equals_single_and_cache_equals_no_cache():
+    m = tiny_model()
+    b = fake_batch()
+    enc, lens = encoded(m, b)
+    batch = m.generate(enc, lens, lang_id=5, beam=4, max_len_a=0, max_len_b=10)
+    singles = [m.generate(enc[i:i + 1, :lens[i]], lens[i:i + 1], lang_id=5, beam=4, max_len_a=0, max_len_b=10)[0]
+               for i in range(3)]
+    assert batch == singles
+    assert batch == m.generate(enc, lens, lang_id=5, beam=4, max_len_a=0, max_len_b=10, use_cache=False)
+
+
+def test_beam_search_finds_a_better_sequence_than_greedy():
+    """Beam search maximises the length-normalised log-probability; check against exhaustive scoring."""
+    m = tiny_model(vocab=8)
+    b = fake_batch(vocab=8)
+    enc, lens = encoded(m, b)
+    enc, lens = enc[:1, :lens[0]], lens[:1]
+
+    def score(hyp):
+        tokens = torch.tensor([[2, 5] + hyp])
+        with torch.no_grad():
+            logp = torch.log_softmax(m.decode(tokens, enc, lens)[0].float(), -1)
+        ids = hyp + [2]
+        return sum(logp[1 + i, t].item() for i, t in enumerate(ids)) / len(ids)
+
+    greedy = m.greedy(enc, lens, 5, max_len_a=0, max_len_b=5)[0]
+    beam = m.generate(enc, lens, 5, beam=6, max_len_a=0, max_len_b=5)[0]
+    assert score(beam) >= score(greedy) - 1e-6
+
+
+def test_pretrained_wav2vec2_inside_the_translator_and_freezing(tmp_path):
+    ref, folder = hf_model(tmp_path)
+    cfg = model.model_config("tiny", vocab_size=50, w2v_path=str(folder), adaptor_channels=64, d_model=32,
+                             n_heads=4, ffn_dim=64, encoder_layers=1, decoder_layers=1)
+    m = model.SpeechTranslator(cfg).eval()
+    audio = torch.randn(1, 3000)
+    with torch.no_grad():
+        assert (m.wav2vec2(audio)[0] - hf_run(ref, audio)).abs().max() <= 1e-4
+    m.train()
+    m.freeze_wav2vec2()
+    m(fake_batch(), ("st",)).logits["st"].float().pow(2).mean().backward()
+    assert all(p.grad is None for p in m.wav2vec2.parameters())
+    assert m.subsample.conv_layers[0].weight.grad is not None
+    m.freeze_wav2vec2(False)
+    m.zero_grad()
+    m(fake_batch(), ("st",)).logits["st"].float().pow(2).mean().backward()
+    assert m.wav2vec2.encoder.layers[0].attention.q_proj.weight.grad is not None
