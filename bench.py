@@ -5,6 +5,9 @@
 
 data: segments/s of the MuST-C reader + collate + bucketed sampler, in the main process and with
 one loader worker, against the peer a simpler reader would be: read the whole talk, then slice.
+wav2vec2: forward+backward of our wav2vec2 against Hugging Face's Wav2Vec2Model with identical
+weights on the same audio (base shapes).
+decode: beam search with the KV cache against the same search recomputing every prefix.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import data
 
 @dataclass
 class BenchConfig:
-    only: str = ""                  # run one benchmark: data
+    only: str = ""                  # run one benchmark: data | wav2vec2 | decode
     data: str = ""                  # an en-XX folder; default: a fresh demo corpus
     segments: int = 2000            # size of that fresh demo corpus (train split)
     max_seconds: float = 60.0       # padded audio per batch, as the CPU demo trains
@@ -64,6 +67,59 @@ def bench_data(cfg: BenchConfig) -> list:
     return rows
 
 
+def _time(fn, reps: int) -> float:
+    fn()                                        # warm-up
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def _table(title: str, rows: list, unit: str):
+    print(f"\n## {title}")
+    print(f"| {'what':<40} | {unit:>10} | {'ratio':>8} |\n|{'-' * 42}|{'-' * 12}|{'-' * 10}|")
+    for name, value, ratio in rows:
+        print(f"| {name:<40} | {value:>10.3f} | {ratio:>7.2f}x |")
+
+
+def bench_wav2vec2(cfg: BenchConfig, seconds: float = 4.0, batch: int = 2, reps: int = 3) -> list:
+    import transformers
+    import model
+    torch.manual_seed(0)
+    ref = transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(layerdrop=0.0)).train()
+    with tempfile.TemporaryDirectory() as tmp:
+        ref.save_pretrained(tmp)
+        ours = model.load_wav2vec2(tmp).train()
+    ours.cfg.layerdrop = 0.0
+    audio = torch.randn(batch, int(seconds * data.SAMPLE_RATE))
+
+    def step(m, run):
+        m.zero_grad(set_to_none=True)
+        run(m).pow(2).mean().backward()
+    t_ours = _time(lambda: step(ours, lambda m: m(audio)[0]), reps)
+    t_hf = _time(lambda: step(ref, lambda m: m(audio).last_hidden_state), reps)
+    rows = [("ours: forward + backward", t_ours, t_hf / t_ours), ("HF Wav2Vec2Model: forward + backward", t_hf, 1.0)]
+    _table(f"wav2vec2 base, {batch} x {seconds:.0f} s audio, {torch.get_num_threads()} threads (higher ratio = faster)",
+           rows, "s/step")
+    return rows
+
+
+def bench_decode(cfg: BenchConfig, batch: int = 16, beam: int = 5, length: int = 30, reps: int = 2) -> list:
+    import model
+    torch.manual_seed(0)
+    m = model.SpeechTranslator(model.model_config("tiny")).eval()
+    tokens = torch.randint(6, 1000, (batch, 20))
+    lens = torch.full((batch,), 20)
+    with torch.no_grad():
+        enc = m.encode(*m.encode_text(tokens, lens))
+    run = lambda cache: m.generate(enc, lens, 5, beam=beam, max_len_a=0, max_len_b=length, use_cache=cache)
+    assert run(True) == run(False)
+    t_cache, t_full = _time(lambda: run(True), reps), _time(lambda: run(False), reps)
+    rows = [("beam search with KV cache", t_cache, t_full / t_cache), ("beam search, full recomputation", t_full, 1.0)]
+    _table(f"decode, tiny preset, {batch} sentences, beam {beam}, up to {length} tokens", rows, "s/batch")
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for k, v in BenchConfig.__dataclass_fields__.items():
@@ -72,6 +128,10 @@ def main():
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if cfg.only in ("", "data"):
         bench_data(cfg)
+    if cfg.only in ("", "wav2vec2"):
+        bench_wav2vec2(cfg)
+    if cfg.only in ("", "decode"):
+        bench_decode(cfg)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,8 @@ def masked_group_norm(x: torch.Tensor, norm: nn.GroupNorm, pad_mask: torch.Tenso
     padding it makes a padded batch item equal to its unpadded run (HF and fairseq include the
     padding in the statistics, so their padded outputs depend on the batch). x (B, C, T)."""
     assert norm.num_groups == norm.num_channels, "wav2vec2 normalises each channel on its own"
+    if pad_mask is None or not pad_mask.any():
+        return norm(x)                             # the fused kernel (fp32 under autocast)
     dtype = x.dtype
     x = x.float()                                  # statistics in fp32 under bf16 autocast
     valid = torch.ones_like(x[:, :1]) if pad_mask is None else (~pad_mask).unsqueeze(1).float()
@@ -423,7 +425,7 @@ def load_wav2vec2(path: str | Path) -> Wav2Vec2Model:
     pytorch_model.bin), either weight-norm naming, or a fairseq checkpoint file (wav2vec_small.pt).
     Read with torch.load(weights_only=True); only argparse.Namespace is allowed beyond tensors."""
     path = Path(path)
-    if path.is_dir() or path.name == "config.json" or path.suffix == ".safetensors":
+    if path.is_dir() or path.name in ("config.json", "pytorch_model.bin") or path.suffix == ".safetensors":
         folder = path if path.is_dir() else path.parent
         cfg_file = folder / "config.json"
         if not cfg_file.exists():

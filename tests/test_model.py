@@ -43,7 +43,7 @@ def hf_run(ref, audio):
 @pytest.mark.parametrize("legacy", [False, True])
 def test_hf_parity_single_utterances(tmp_path, legacy):
     ref, folder = hf_model(tmp_path, legacy_weight_norm=legacy)
-    ours = load_wav2vec2(folder).eval()
+    ours = load_wav2vec2(folder / ("pytorch_model.bin" if legacy else "model.safetensors")).eval()
     for n in (400, 1234, 4000):
         audio = torch.randn(1, n)
         with torch.no_grad():
