@@ -513,6 +513,12 @@ class LengthAdaptor(nn.Module):
         return x.transpose(1, 2), lens
 
 
+def masked_mean(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) states, (B,) lengths -> (B, D) mean over the valid positions only (METHODS §1.5)."""
+    valid = (~lengths_to_padding_mask(lens, x.shape[1]))[..., None].to(x.dtype)
+    return (x * valid).sum(1) / lens[:, None].to(x.dtype)
+
+
 def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
     """(n, d) fixed positions: sin on the first half of the channels, cos on the second (fairseq layout)."""
     half = d // 2

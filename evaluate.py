@@ -1,0 +1,184 @@
+"""evaluate.py: decode a split and score it: BLEU and chrF++ (sacreBLEU), WER, cross-modal retrieval.
+
+    python evaluate.py --ckpt runs/demo/last.pt [--split tst-COMMON] [--tasks st,asr,mt,retrieval] [--beam 5]
+
+Writes one hypothesis file per task and eval_<split>.json beside the checkpoint, and prints the
+JSON summary as its last line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+import data
+import model as M
+
+
+@torch.no_grad()
+def decode(model: M.SpeechTranslator, ds: data.MustcSplit, vocab: data.Vocab, task: str, beam: int = 5,
+           indices: list | None = None, device="cpu", bf16: bool = False, batch_seconds: float = 120.0,
+           max_sentences: int = 64) -> list:
+    """Hypotheses (detokenized text) for `task` (st | asr | mt) on ds[indices], in that order."""
+    model.eval()
+    indices = list(range(len(ds))) if indices is None else list(indices)
+    lang = vocab.lang_id("en" if task == "asr" else ds.tgt_lang)
+    speech = task in ("st", "asr")
+    lengths = [ds.segments[i].frames if speech else len(ds.src_ids[i]) for i in indices]
+    sampler = data.BucketBatchSampler(lengths, int(batch_seconds * data.SAMPLE_RATE) if speech else 10**9,
+                                      max_sentences, shuffle=False)
+    hyps = [None] * len(indices)
+    for group in sampler.batches(0):
+        items = [{"id": "", "audio": ds.read_audio(indices[j]) if speech else torch.zeros(0),
+                  "src": ds.src_ids[indices[j]], "tgt": ds.tgt_ids[indices[j]]} for j in group]
+        b = data.collate(items).to(device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            low, lens = model.encode_speech(b.audio, b.audio_lens) if speech else model.encode_text(b.src, b.src_lens)
+            enc = model.encode(low, lens)
+            out = model.generate(enc, lens, lang, beam=beam) if beam > 1 else model.greedy(enc, lens, lang)
+        for j, ids in zip(group, out):
+            hyps[j] = vocab.decode(ids)
+    return hyps
+
+
+def bleu(hyps: list, refs: list) -> tuple:
+    """Corpus BLEU on detokenized, case-sensitive text (sacreBLEU, tok 13a) and its signature."""
+    from sacrebleu.metrics import BLEU
+    metric = BLEU()
+    return metric.corpus_score(hyps, [refs]).score, str(metric.get_signature())
+
+
+def chrf(hyps: list, refs: list) -> tuple:
+    """chrF++ (character 6-grams and word 2-grams), as ConST's Table 5 reports."""
+    from sacrebleu.metrics import CHRF
+    metric = CHRF(word_order=2)
+    return metric.corpus_score(hyps, [refs]).score, str(metric.get_signature())
+
+
+def normalize_for_wer(text: str) -> list:
+    """Lowercase, punctuation removed (apostrophes inside words kept), split on whitespace."""
+    text = re.sub(r"[^\w\s']|(?<!\w)'|'(?!\w)", " ", text.lower())
+    return text.split()
+
+
+def edit_distance(a: list, b: list) -> int:
+    """Levenshtein distance between two word lists (substitution, insertion, deletion cost 1)."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
+        prev = cur
+    return prev[-1]
+
+
+def wer(hyps: list, refs: list) -> float:
+    """Word error rate in %: total word edits / total reference words, after normalize_for_wer."""
+    edits = sum(edit_distance(normalize_for_wer(r), normalize_for_wer(h)) for h, r in zip(hyps, refs))
+    words = sum(len(normalize_for_wer(r)) for r in refs)
+    return 100.0 * edits / max(words, 1)
+
+
+def top1(similarity: torch.Tensor) -> float:
+    """% of rows whose largest entry is on the diagonal."""
+    return 100.0 * (similarity.argmax(1) == torch.arange(len(similarity))).float().mean().item()
+
+
+@torch.no_grad()
+def retrieval(model: M.SpeechTranslator, ds: data.MustcSplit, device="cpu", batch_seconds: float = 120.0) -> dict:
+    """Cross-modal retrieval (ConST §6.2, Table 7): find each utterance's transcript among all of the
+    split's by cosine similarity of mean-pooled representations, speech->text and text->speech, before
+    (low) and after (high) the shared encoder. Top-1 accuracy in %."""
+    model.eval()
+    sampler = data.BucketBatchSampler([s.frames for s in ds.segments], int(batch_seconds * data.SAMPLE_RATE), 64,
+                                      shuffle=False)
+    pooled = {k: [None] * len(ds) for k in ("speech_low", "speech_high", "text_low", "text_high")}
+    for group in sampler.batches(0):
+        b = data.collate([ds[i] for i in group]).to(device)
+        out = model(b, ("st", "mt"))
+        for k in pooled:
+            lens = out.speech_lens if k.startswith("speech") else out.text_lens
+            vecs = M.masked_mean(getattr(out, k).float(), lens)
+            for j, i in enumerate(group):
+                pooled[k][i] = vecs[j]
+    result = {}
+    for level in ("low", "high"):
+        s = torch.nn.functional.normalize(torch.stack(pooled[f"speech_{level}"]), dim=-1)
+        t = torch.nn.functional.normalize(torch.stack(pooled[f"text_{level}"]), dim=-1)
+        sim = s @ t.T
+        result[level] = {"s2t": round(top1(sim), 2), "t2s": round(top1(sim.T), 2)}
+    return result
+
+
+def bleu_on(model, ds, vocab, task: str, beam: int = 1, limit: int = 200, device="cpu", bf16: bool = False) -> float:
+    """BLEU of `task` on the first `limit` segments of ds (the dev score during training)."""
+    idx = list(range(min(limit, len(ds))))
+    hyps = decode(model, ds, vocab, task, beam, idx, device, bf16)
+    return bleu(hyps, [ds.segments[i].tgt for i in idx])[0]
+
+
+def load(ckpt_path: str | Path, device="cpu") -> tuple:
+    """(model, vocab, checkpoint) from a checkpoint written by train.py."""
+    import train
+    ckpt = train.load_checkpoint(ckpt_path)
+    model = train.build_model(ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), data.Vocab(ckpt["vocab"]), ckpt
+
+
+def results_table(summary: dict, minutes: float | None = None) -> str:
+    r = summary.get("retrieval", {})
+    rows = [("ST BLEU", summary.get("st_bleu")), ("MT BLEU", summary.get("mt_bleu")), ("ASR WER %", summary.get("asr_wer")),
+            ("ST chrF++", summary.get("chrf")),
+            ("retrieval top-1 s2t, low %", r.get("low", {}).get("s2t")),
+            ("retrieval top-1 s2t, high %", r.get("high", {}).get("s2t"))]
+    lines = [f"results on {summary['split']} ({summary['n']} segments)" + (f", {minutes:.1f} min in all" if minutes else "")]
+    lines += [f"  {name:<30} {value:>7.2f}" for name, value in rows if value is not None]
+    return "\n".join(lines)
+
+
+def main(argv: list) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--split", default="tst-COMMON")
+    p.add_argument("--tasks", default="st,asr,mt,retrieval")
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max_n", type=int, default=0, help="score only the first N segments (0 = all)")
+    p.add_argument("--quiet", action="store_true", help="no signatures and per-task lines")
+    a = p.parse_args(argv)
+    model, vocab, ckpt = load(a.ckpt, a.device)
+    root = Path(ckpt["config"]["data"])
+    ds = data.MustcSplit(root, a.split, vocab, verbose=False)
+    if a.max_n:
+        ds.segments, ds.src_ids, ds.tgt_ids = ds.segments[:a.max_n], ds.src_ids[:a.max_n], ds.tgt_ids[:a.max_n]
+    out_dir, summary = Path(a.ckpt).parent, {"split": a.split, "n": len(ds), "ckpt": str(a.ckpt), "beam": a.beam}
+    say = (lambda *x: None) if a.quiet else print
+    for task in [t for t in a.tasks.split(",") if t in ("st", "asr", "mt")]:
+        hyps = decode(model, ds, vocab, task, a.beam, device=a.device)
+        (out_dir / f"hyp_{a.split}_{task}.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+        if task == "asr":
+            summary["asr_wer"] = round(wer(hyps, [s.src for s in ds.segments]), 2)
+            say(f"ASR WER {summary['asr_wer']:.2f} (lowercase, punctuation removed)")
+        else:
+            refs = [s.tgt for s in ds.segments]
+            score, sig = bleu(hyps, refs)
+            summary[f"{task}_bleu"] = round(score, 2)
+            if task == "st":
+                summary["chrf"], chrf_sig = chrf(hyps, refs)
+                summary["chrf"] = round(summary["chrf"], 2)
+                summary["signature"] = {"bleu": sig, "chrf": chrf_sig}
+            say(f"{task.upper()} BLEU {score:.2f}  [{sig}]")
+    if "retrieval" in a.tasks:
+        summary["retrieval"] = retrieval(model, ds, a.device)
+    (out_dir / f"eval_{a.split}.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,89 @@
+"""Tests of evaluate.py: every metric against hand-computed values, detokenized BLEU, the CLI summary."""
+import json
+
+import pytest
+import torch
+
+import data
+import evaluate
+import train
+
+
+def test_edit_distance_and_wer_by_hand():
+    assert evaluate.edit_distance("a b c".split(), "a b c".split()) == 0
+    assert evaluate.edit_distance("a x c".split(), "a b c d".split()) == 2        # one substitution, one insertion
+    assert evaluate.edit_distance([], "a b".split()) == 2
+    assert evaluate.edit_distance("kitten sat".split(), "sitting".split()) == 2
+    # normalisation: case and punctuation do not count, apostrophes inside words do
+    assert evaluate.normalize_for_wer("The dog's ball, 'quickly'!") == ["the", "dog's", "ball", "quickly"]
+    assert evaluate.wer(["the cat sat"], ["The cat sat."]) == 0.0
+    assert evaluate.wer(["a b c d"], ["a x c"]) == pytest.approx(200 / 3)          # 2 edits / 3 reference words
+    # corpus WER pools edits and words, it does not average sentence WERs
+    assert evaluate.wer(["a", "x y z w"], ["a", "b"]) == pytest.approx(100 * 4 / 2)
+
+
+def test_bleu_and_chrf_by_hand():
+    refs = ["Der alte Mann liest ein Buch.", "Die Katze schläft im Garten."]
+    assert evaluate.bleu(refs, refs)[0] == pytest.approx(100.0)
+    assert evaluate.chrf(refs, refs)[0] == pytest.approx(100.0)
+    score, sig = evaluate.bleu(["Der alte Mann liest.", "Die Katze schläft."], refs)
+    assert 0 < score < 100 and "case:mixed" in sig and "tok:13a" in sig
+    # case-sensitive: lowercasing the hypothesis lowers the score
+    assert evaluate.bleu([r.lower() for r in refs], refs)[0] < 100
+    sig = evaluate.chrf(refs, refs)[1]
+    assert "nc:6" in sig and "nw:2" in sig
+
+
+def test_retrieval_top1_by_hand():
+    sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.7, 0.0], [0.0, 0.1, 0.5]])
+    assert evaluate.top1(sim) == pytest.approx(200 / 3)        # row 1 prefers column 0
+    assert evaluate.top1(sim.T) == pytest.approx(100.0)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = train.TrainConfig(data=str(tiny_corpus), out_dir=str(out), vocab_size=200, max_steps=3, batch_seconds=15.0,
+                            workers=0, eval_every=10**9, warmup=5, bf16="false", threads=1)
+    return train.train(cfg)["last"]
+
+
+class CopyModel(torch.nn.Module):
+    """Stands in for a perfect model on MT: its 'translation' is the source pieces, copied."""
+
+    def encode_text(self, tokens, lens):
+        return tokens[..., None].float(), lens
+
+    def encode(self, states, lens):
+        return states
+
+    def greedy(self, enc, lens, lang, **kw):
+        return [enc[i, 1:int(n) - 1, 0].long().tolist() for i, n in enumerate(lens)]
+
+
+def test_bleu_is_computed_on_detokenized_text(tiny_corpus):
+    """The decoded hypotheses are detokenized strings: a model that outputs the right pieces
+    scores BLEU 100 against the text, while the same pieces left as pieces would score far lower."""
+    vocab = data.build_vocab(tiny_corpus, 200, verbose=False)
+    ds = data.MustcSplit(tiny_corpus, "train", vocab, verbose=False)   # every character is in the vocabulary
+    hyps = evaluate.decode(CopyModel(), ds, vocab, "mt", beam=1)
+    refs = [s.src for s in ds.segments]
+    assert hyps == refs and "\u2581" not in "".join(hyps)
+    assert evaluate.bleu(hyps, refs)[0] == pytest.approx(100.0)
+    pieces = [" ".join(vocab.sp.encode(r, out_type=str)) for r in refs]
+    assert evaluate.bleu(pieces, refs)[0] < 50
+
+
+def test_evaluate_cli_writes_hypotheses_and_summary(trained, capsys):
+    summary = evaluate.main(["--ckpt", trained, "--split", "dev", "--beam", "2"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(summary))
+    for key in ("st_bleu", "mt_bleu", "asr_wer", "chrf", "retrieval"):
+        assert key in summary
+    for level in ("low", "high"):
+        assert set(summary["retrieval"][level]) == {"s2t", "t2s"}
+        assert all(0 <= v <= 100 for v in summary["retrieval"][level].values())
+    folder = train.Path(trained).parent
+    assert json.loads((folder / "eval_dev.json").read_text())["n"] == 8
+    for task in ("st", "asr", "mt"):
+        assert len((folder / f"hyp_dev_{task}.txt").read_text().splitlines()) == 8
