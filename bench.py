@@ -8,6 +8,8 @@ one loader worker, against the peer a simpler reader would be: read the whole ta
 wav2vec2: forward+backward of our wav2vec2 against Hugging Face's Wav2Vec2Model with identical
 weights on the same audio (base shapes).
 decode: beam search with the KV cache against the same search recomputing every prefix.
+sinkhorn: sinkhorn_knopp and multi_assignment_sinkhorn (and its direct K x N x K form) against
+POT's ot.sinkhorn on the same N x K cosine scores, the same number of iterations.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import data
 
 @dataclass
 class BenchConfig:
-    only: str = ""                  # run one benchmark: data | wav2vec2 | decode
+    only: str = ""                  # run one benchmark: data | wav2vec2 | decode | sinkhorn
     data: str = ""                  # an en-XX folder; default: a fresh demo corpus
     segments: int = 2000            # size of that fresh demo corpus (train split)
     max_seconds: float = 60.0       # padded audio per batch, as the CPU demo trains
@@ -120,6 +122,28 @@ def bench_decode(cfg: BenchConfig, batch: int = 16, beam: int = 5, length: int =
     return rows
 
 
+def bench_sinkhorn(cfg: BenchConfig, n: int = 4096, k: int = 256, iters: int = 20, reps: int = 3) -> list:
+    import ot
+    import sinkhorn
+    g = torch.Generator().manual_seed(0)
+    scores = torch.nn.functional.normalize(torch.randn(n, 128, generator=g), dim=-1) @ \
+        torch.nn.functional.normalize(torch.randn(k, 128, generator=g), dim=-1).T
+    a, b, m = np.full(n, 1 / n), np.full(k, 1 / k), (-scores).double().numpy()
+    pot = lambda method: ot.sinkhorn(a, b, m, 0.05, method=method, numItermax=iters, stopThr=0.0)
+    t_pot = _time(lambda: pot("sinkhorn"), reps)
+    t_pot_log = _time(lambda: pot("sinkhorn_log"), reps)
+    t_sk = _time(lambda: sinkhorn.sinkhorn_knopp(scores, 0.05, iters), reps)
+    t_msk = _time(lambda: sinkhorn.multi_assignment_sinkhorn(scores, k // 2, 0.07, iters), reps)
+    t_direct = _time(lambda: sinkhorn.multi_assignment_sinkhorn_direct(scores, k // 2, 0.07, iters), 1)
+    rows = [("sinkhorn_knopp (log domain, fp32)", t_sk, t_pot / t_sk),
+            ("POT ot.sinkhorn (plain, fp64)", t_pot, 1.0),
+            ("POT ot.sinkhorn, method=sinkhorn_log", t_pot_log, t_pot / t_pot_log),
+            ("multi_assignment_sinkhorn (2 x N x K)", t_msk, t_pot / t_msk),
+            ("multi_assignment_sinkhorn_direct (K x N x K)", t_direct, t_pot / t_direct)]
+    _table(f"Sinkhorn, N = {n}, K = {k}, {iters} iterations (ratio = POT plain time / this time)", rows, "s/call")
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for k, v in BenchConfig.__dataclass_fields__.items():
@@ -132,6 +156,8 @@ def main():
         bench_wav2vec2(cfg)
     if cfg.only in ("", "decode"):
         bench_decode(cfg)
+    if cfg.only in ("", "sinkhorn"):
+        bench_sinkhorn(cfg)
 
 
 if __name__ == "__main__":

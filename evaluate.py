@@ -83,13 +83,56 @@ def wer(hyps: list, refs: list) -> float:
     return 100.0 * edits / max(words, 1)
 
 
+def plot_loss_curves(log_file: Path, out: Path) -> Path | None:
+    """Training losses per term against steps, from train.py's log.jsonl (the MT stage's too, if beside it)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = [(f, "") for f in [log_file] if f.exists()] + [(f, "MT stage ") for f in [log_file.parent / "mt" / "log.jsonl"]
+                                                           if f.exists()]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for f, prefix in runs:
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if "lr" in r]
+        for term in ("st", "asr", "mt", "ctc"):
+            pts = [(r["step"], r[term]) for r in rows if term in r]
+            if pts:
+                ax.plot(*zip(*pts), label=prefix + term.upper(), linestyle="--" if prefix else "-")
+    ax.set(xlabel="step", ylabel="loss per target token", title="training losses", yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_similarity(sims: dict, out: Path, n: int = 40) -> Path:
+    """Speech-to-transcript cosine similarity of the first n segments, low and high level: a bright
+    diagonal means each utterance is closest to its own transcript."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(sims), figsize=(5 * len(sims), 4.4))
+    for ax, (level, sim) in zip(axes, sims.items()):
+        im = ax.imshow(sim[:n, :n].numpy(), cmap="viridis")
+        ax.set(title=f"{level}-level cos(speech_i, text_j)", xlabel="transcript j", ylabel="utterance i")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def top1(similarity: torch.Tensor) -> float:
     """% of rows whose largest entry is on the diagonal."""
     return 100.0 * (similarity.argmax(1) == torch.arange(len(similarity))).float().mean().item()
 
 
 @torch.no_grad()
-def retrieval(model: M.SpeechTranslator, ds: data.MustcSplit, device="cpu", batch_seconds: float = 120.0) -> dict:
+def retrieval(model: M.SpeechTranslator, ds: data.MustcSplit, device="cpu", batch_seconds: float = 120.0,
+              plot_to: Path | None = None) -> dict:
     """Cross-modal retrieval (ConST §6.2, Table 7): find each utterance's transcript among all of the
     split's by cosine similarity of mean-pooled representations, speech->text and text->speech, before
     (low) and after (high) the shared encoder. Top-1 accuracy in %."""
@@ -105,12 +148,14 @@ def retrieval(model: M.SpeechTranslator, ds: data.MustcSplit, device="cpu", batc
             vecs = M.masked_mean(getattr(out, k).float(), lens)
             for j, i in enumerate(group):
                 pooled[k][i] = vecs[j]
-    result = {}
+    result, sims = {}, {}
     for level in ("low", "high"):
         s = torch.nn.functional.normalize(torch.stack(pooled[f"speech_{level}"]), dim=-1)
         t = torch.nn.functional.normalize(torch.stack(pooled[f"text_{level}"]), dim=-1)
-        sim = s @ t.T
-        result[level] = {"s2t": round(top1(sim), 2), "t2s": round(top1(sim.T), 2)}
+        sims[level] = s @ t.T
+        result[level] = {"s2t": round(top1(sims[level]), 2), "t2s": round(top1(sims[level].T), 2)}
+    if plot_to is not None:
+        plot_similarity(sims, plot_to)
     return result
 
 
@@ -150,6 +195,7 @@ def main(argv: list) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max_n", type=int, default=0, help="score only the first N segments (0 = all)")
     p.add_argument("--quiet", action="store_true", help="no signatures and per-task lines")
+    p.add_argument("--no_plots", action="store_true", help="skip similarity_<split>.png and loss_curves.png")
     a = p.parse_args(argv)
     model, vocab, ckpt = load(a.ckpt, a.device)
     root = Path(ckpt["config"]["data"])
@@ -174,7 +220,10 @@ def main(argv: list) -> dict:
                 summary["signature"] = {"bleu": sig, "chrf": chrf_sig}
             say(f"{task.upper()} BLEU {score:.2f}  [{sig}]")
     if "retrieval" in a.tasks:
-        summary["retrieval"] = retrieval(model, ds, a.device)
+        plot = None if a.no_plots else out_dir / f"similarity_{a.split}.png"
+        summary["retrieval"] = retrieval(model, ds, a.device, plot_to=plot)
+    if not a.no_plots:
+        plot_loss_curves(out_dir / "log.jsonl", out_dir / "loss_curves.png")
     (out_dir / f"eval_{a.split}.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
     return summary

@@ -87,3 +87,5 @@ def test_evaluate_cli_writes_hypotheses_and_summary(trained, capsys):
     assert json.loads((folder / "eval_dev.json").read_text())["n"] == 8
     for task in ("st", "asr", "mt"):
         assert len((folder / f"hyp_dev_{task}.txt").read_text().splitlines()) == 8
+    for png in ("similarity_dev.png", "loss_curves.png"):
+        assert (folder / png).read_bytes()[:4] == b"\x89PNG"
