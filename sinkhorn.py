@@ -25,19 +25,33 @@ import torch.nn.functional as F
 # 1. Sinkhorn-Knopp
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sinkhorn_knopp(scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3) -> torch.Tensor:
+def sinkhorn_knopp(scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3, log_domain: bool | None = None
+                   ) -> torch.Tensor:
     """Entropic OT plan between N samples and K prototypes with uniform marginals (SwAV):
-    Q = diag(u) exp(scores / eps) diag(v), rows summing to 1/N, columns to 1/K. Computed in the
-    log domain, so large scores and small eps never overflow. scores (..., N, K) -> Q (..., N, K).
+    Q = diag(u) exp(scores / eps) diag(v), rows summing to 1/N, columns to 1/K.
+    scores (..., N, K) -> Q (..., N, K). Equivalent to POT's ot.sinkhorn(1/N, 1/K, M=-scores, reg=eps)
+    at convergence. Each iteration fits the columns, then the rows (SwAV's order), so the row
+    marginals are exact on return.
 
-    Equivalent to POT's ot.sinkhorn(1/N, 1/K, M=-scores, reg=eps) at convergence. Each iteration
-    normalises columns, then rows (SwAV's order), so the row marginals are exact on return."""
+    When the scores span at most 50 * eps, exp(scores / eps) fits in fp32 and the iterations are two
+    matrix-vector products on fixed potentials u, v; otherwise (large scores, small eps) they run in
+    the log domain, which never overflows. `log_domain` forces one or the other."""
     N, K = scores.shape[-2:]
-    log_q = scores.float() / eps
+    s = scores.float() / eps
+    s = s - s.amax(dim=(-2, -1), keepdim=True)
+    if log_domain is None:
+        log_domain = bool((-s.amin()) > 50)
+    if log_domain:
+        for _ in range(n_iters):
+            s = s - torch.logsumexp(s, dim=-2, keepdim=True) - math.log(K)    # columns: 1/K each
+            s = s - torch.logsumexp(s, dim=-1, keepdim=True) - math.log(N)    # rows: 1/N each
+        return s.exp()
+    kernel = s.exp()                                                         # (..., N, K), entries in (e^-50, 1]
+    u = torch.ones(kernel.shape[:-1], device=kernel.device)                  # (..., N)
     for _ in range(n_iters):
-        log_q = log_q - torch.logsumexp(log_q, dim=-2, keepdim=True) - math.log(K)   # columns: 1/K each
-        log_q = log_q - torch.logsumexp(log_q, dim=-1, keepdim=True) - math.log(N)   # rows: 1/N each
-    return log_q.exp()
+        v = (1.0 / K) / (kernel.transpose(-2, -1) @ u[..., None])[..., 0]     # columns: 1/K each
+        u = (1.0 / N) / (kernel @ v[..., None])[..., 0]                       # rows: 1/N each
+    return u[..., :, None] * kernel * v[..., None, :]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,11 +107,12 @@ def multi_assignment_sinkhorn(scores: torch.Tensor, r: int, eps: float = 0.07, n
     log_a = w.view(shape) * scores.float().unsqueeze(-3) / eps                # (..., 2, N, K)
     a = torch.exp(log_a - log_a.amax(dim=(-2, -1), keepdim=True))
     a = a / (mult.view(shape) * a).sum(dim=(-3, -2, -1), keepdim=True)
+    low, high = a[..., 0:1, :, :], a[..., 1:2, :, :]                        # views: updated in place
     for _ in range(n_iters):
-        a = a * ((N / K) / (a.sum(-2, keepdim=True) + 1e-5))
-        a = a / ((mult.view(shape) * a).sum(-3, keepdim=True) + 1e-5)
-        a = a / (a.sum(-1, keepdim=True) + 1e-5)
-    a = a / a.sum(-1, keepdim=True)
+        a.mul_((N / K) / (a.sum(-2, keepdim=True) + 1e-5))
+        a.div_(low * (K - r) + high * r + 1e-5)
+        a.div_(a.sum(-1, keepdim=True) + 1e-5)
+    a.div_(a.sum(-1, keepdim=True))
     t = r * a[..., 1, :, :]
     return _minmax_rows(t), t, a
 

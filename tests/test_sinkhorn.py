@@ -36,6 +36,10 @@ def test_sinkhorn_knopp_marginals_batched_and_stable():
     # scores / eps of 5000: plain-space exp would overflow; the log domain stays finite
     extreme = S.sinkhorn_knopp(scores * 50, eps=0.01, n_iters=50)
     assert torch.isfinite(extreme).all() and torch.allclose(extreme.sum(-1), torch.full((3, 200), 1 / 200), atol=1e-6)
+    # the two ways of iterating give the same plan where both are safe
+    plain = S.sinkhorn_knopp(scores, eps=0.05, n_iters=30, log_domain=False)
+    logd = S.sinkhorn_knopp(scores, eps=0.05, n_iters=30, log_domain=True)
+    assert (plain - logd).abs().max() <= 1e-7 * 200
     x = cosine_scores(30, 5).requires_grad_()
     assert not S.sinkhorn_knopp(x).requires_grad                                  # a target: no gradient
 
