@@ -614,9 +614,11 @@ class Espeak:
     The library keeps state between calls, so the same call sequence is only reproducible in a
     fresh process: the corpus writer gives every shard of talks a process of its own.
     """
+    used_here = False       # has this process initialised eSpeak (then it cannot be forked clean)?
 
     def __init__(self):
         import espeakng_loader
+        Espeak.used_here = True
         self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
         self.libc = ctypes.CDLL("libc.so.6")
         self._chunks = []
@@ -711,9 +713,13 @@ def write_demo_corpus(out: str | Path, cfg: DemoConfig = DemoConfig(), verbose: 
         shards = [talks[i:i + 5] for i in range(0, len(talks), 5)]   # shard layout is fixed: determinism
         plan.append((split, d, split_pairs, len(shards)))
         jobs += [(str(d / "wav"), s, cfg.noise) for s in shards]
-    # a fresh process per shard (see Espeak); forked from a clean server, never from this process,
-    # which may have used eSpeak already
-    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    # A fresh process per shard (see Espeak). Forking this process is fastest, but only valid while
+    # it has never run eSpeak itself; otherwise fork from a clean server that imports us once.
+    methods = mp.get_all_start_methods()
+    method = "fork" if "fork" in methods and not Espeak.used_here else "forkserver" if "forkserver" in methods else "spawn"
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["data", "soxr"])
     with ctx.Pool(cfg.workers, maxtasksperchild=1) as pool:
         results = list(tqdm(pool.imap(_synthesize_talks, jobs), total=len(jobs), desc="speaking", disable=not verbose))
     seconds = 0
