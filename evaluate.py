@@ -142,10 +142,12 @@ def retrieval(model: M.SpeechTranslator, ds: data.MustcSplit, device="cpu", batc
     pooled = {k: [None] * len(ds) for k in ("speech_low", "speech_high", "text_low", "text_high")}
     for group in sampler.batches(0):
         b = data.collate([ds[i] for i in group]).to(device)
-        out = model(b, ("st", "mt"))
-        for k in pooled:
-            lens = out.speech_lens if k.startswith("speech") else out.text_lens
-            vecs = M.masked_mean(getattr(out, k).float(), lens)
+        speech_low, speech_lens = model.encode_speech(b.audio, b.audio_lens)
+        text_low, text_lens = model.encode_text(b.src, b.src_lens)
+        states = {"speech_low": (speech_low, speech_lens), "speech_high": (model.encode(speech_low, speech_lens), speech_lens),
+                  "text_low": (text_low, text_lens), "text_high": (model.encode(text_low, text_lens), text_lens)}
+        for k, (x, lens) in states.items():                  # no decoder pass: retrieval needs none
+            vecs = M.masked_mean(x.float(), lens)
             for j, i in enumerate(group):
                 pooled[k][i] = vecs[j]
     result, sims = {}, {}
