@@ -1,8 +1,9 @@
 """losses.py: every objective not built on optimal transport.
 
-So far: the label-smoothed cross-entropy of the three tasks (ConST Eq. 1's L_ST, L_ASR, L_MT) and
-the CTC loss from the speech low-level states to the transcript (ConST Table 5's alternative, and
-what makes the speech side learn within minutes on a CPU, ../shared/CALIBRATION.md).
+So far: the label-smoothed cross-entropy of the three tasks (ConST Eq. 1's L_ST, L_ASR, L_MT), the
+CTC loss from the speech low-level states to the transcript (ConST Table 5's alternative, and what
+makes the speech side learn within minutes on a CPU, ../shared/CALIBRATION.md), and ConST's
+contrastive loss (Eq. 2-4; not yet a recipe in train.py). Hard examples, S-Align, H-Align: next.
 
 Every loss returns a SUM (over tokens or sentences) as the official ConST code does; train.py
 divides the whole weighted sum by the number of ST target tokens (METHODS §1.4), so the papers'
@@ -42,3 +43,17 @@ def ctc_loss(states: torch.Tensor, lens: torch.Tensor, embed_weight: torch.Tenso
     target_lens = src_lens - 2
     targets = src[:, 1:-1] if src.shape[1] > 2 else src[:, :0]
     return F.ctc_loss(lprobs, targets, lens, target_lens, blank=blank, reduction="sum", zero_infinity=True)
+
+
+def contrastive_loss(u: torch.Tensor, v: torch.Tensor, tau: float = 0.02, symmetric: bool = False) -> torch.Tensor:
+    """ConST's multi-class N-pair loss (Eq. 2-4, METHODS §1.5), summed over the batch:
+        S[i, j] = cos(u_i, v_j) / tau,   L = sum_i -log softmax_j(S[i, :])[i]
+    u (B, D) pooled speech, v (B, D) pooled transcripts (model.masked_mean); the other transcripts
+    of the batch are the negatives. Speech->text only, as the released code; `symmetric` adds the
+    text->speech direction (`--use-dual-ctr`)."""
+    sim = F.normalize(u.float(), dim=-1) @ F.normalize(v.float(), dim=-1).T / tau      # (B, B)
+    labels = torch.arange(len(u), device=u.device)
+    loss = F.cross_entropy(sim, labels, reduction="sum")
+    if symmetric:
+        loss = loss + F.cross_entropy(sim.T, labels, reduction="sum")
+    return loss
