@@ -26,7 +26,7 @@ import torch
 
 import data
 import model as M
-from losses import ctc_loss, label_smoothed_cross_entropy
+from losses import contrastive_loss, ctc_loss, label_smoothed_cross_entropy
 
 
 @dataclass
@@ -58,6 +58,8 @@ class TrainConfig:
     asr_weight: float = 1.0
     mt_weight: float = 1.0
     ctc_weight: float = 1.0
+    ctr_weight: float = 0.0         # lambda of ConST's contrastive term (Eq. 1); the `const` recipe sets 1.5
+    ctr_tau: float = 0.02           # its temperature
     label_smoothing: float = 0.1
     reencode_asr: bool = False      # ConST encodes the speech again for ASR; False reuses the ST pass (CPU)
     # optimisation
@@ -85,7 +87,9 @@ TRAIN_PRESETS = {
                  lr=1e-4, warmup=25_000, clip=10.0, accum=2, max_steps=500_000, ctc_weight=0.0, reencode_asr=True,
                  eval_every=1000, eval_beam=4, eval_dev_max=10**9, max_audio_seconds=30.0, workers=4),
 }
-RECIPES = {"xstnet": {}}            # ConST Eq. 1 without the alignment term; losses.py adds the others
+# Named recipes set the papers' values. xstnet: ConST Eq. 1 without the alignment term. const: with
+# the contrastive term on low-level states, lambda 1.5 and tau 0.02 for En-De (ConST §4.1).
+RECIPES = {"xstnet": {}, "const": {"ctr_weight": 1.5, "ctr_tau": 0.02}}
 
 
 def parse_config(argv: list) -> TrainConfig:
@@ -159,12 +163,18 @@ def objective(cfg: TrainConfig, model: M.SpeechTranslator, batch: data.Batch, ta
         terms[task], _, _ = label_smoothed_cross_entropy(out.logits[task], out.targets[task], cfg.label_smoothing)
     if "st" in tasks and cfg.ctc_weight > 0:
         terms["ctc"] = ctc_loss(out.speech_low, out.speech_lens, raw.embed_tokens.weight, batch.src, batch.src_lens)
-    weights = {"st": cfg.st_weight, "asr": cfg.asr_weight, "mt": cfg.mt_weight, "ctc": cfg.ctc_weight}
+    if "st" in tasks and cfg.ctr_weight > 0:   # pooled speech of the ST pass vs a fresh embedding of the transcript
+        text_low, text_lens = raw.encode_text(batch.src, batch.src_lens)
+        terms["ctr"] = contrastive_loss(M.masked_mean(out.speech_low, out.speech_lens), M.masked_mean(text_low, text_lens),
+                                        cfg.ctr_tau)
+    weights = {"st": cfg.st_weight, "asr": cfg.asr_weight, "mt": cfg.mt_weight, "ctc": cfg.ctc_weight,
+               "ctr": cfg.ctr_weight}
     loss = (
         weights["st"] * terms.get("st", 0.0)
         + weights["asr"] * terms.get("asr", 0.0)
         + weights["mt"] * terms.get("mt", 0.0)
         + weights["ctc"] * terms.get("ctc", 0.0)
+        + weights["ctr"] * terms.get("ctr", 0.0)        # ConST: lambda * L_CTR
     ) / n_tokens
     return loss, {k: v.item() / n_tokens.item() for k, v in terms.items()}
 

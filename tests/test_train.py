@@ -92,6 +92,14 @@ def test_config_overrides_are_type_checked():
         train.parse_config(["--recipe=magic"])
 
 
+def test_const_recipe_adds_the_contrastive_term(tiny_corpus, tmp_path):
+    cfg = train.parse_config(["--recipe=const"])
+    assert (cfg.ctr_weight, cfg.ctr_tau) == (1.5, 0.02)
+    result = train.train(config(tiny_corpus, tmp_path, max_steps=2, ctr_weight=1.5, ctr_tau=0.02))
+    assert all(set(h) == {"st", "asr", "mt", "ctc", "ctr"} for h in result["history"])
+    assert all(h["ctr"] >= 0 for h in result["history"]) and sum(h["ctr"] for h in result["history"]) > 0  # 0 for B=1
+
+
 def test_inverse_sqrt_schedule():
     assert train.inverse_sqrt(50, 100) == 0.5 and train.inverse_sqrt(100, 100) == 1.0
     assert train.inverse_sqrt(400, 100) == 0.5
