@@ -748,7 +748,7 @@ _YAML_LINE = re.compile(r"^-\s*\{(.*)\}\s*$")
 def _read_yaml(path: Path) -> list:
     """MuST-C's YAML is one flow mapping per line; parse that fast, fall back to a YAML parser."""
     entries = []
-    for lineno, line in enumerate(_read_lines(path), 1):
+    for line in _read_lines(path):
         m = _YAML_LINE.match(line)
         if not m:
             if line.strip():

@@ -200,18 +200,19 @@ class SSPC(nn.Module):
 
     def forward(self, e_in: dict, e_j: dict) -> tuple:
         """e_in[m], e_j[m]: (B, d) pooled embeddings per modality -> (loss, logs). Pushes the batch."""
-        intra, cross, usage = 0.0, 0.0, []
+        intra, cross = 0.0, 0.0
+        # input-space targets depend on n only: one Multi-SK per modality, not per pair
+        y_input = {n: self.targets(self.queue_in[n], e_in[n], self.anchors_in[n]) for n in self.modalities}
         for m in self.modalities:
             for n in self.modalities:
                 y_joint = self.targets(self.queue_j[n], e_j[n], self.anchors_j[m])
-                y_input = self.targets(self.queue_in[n], e_in[n], self.anchors_in[n])
                 term = (sspc_cost(self.anchors_in[m](e_in[m]), y_joint, self.cost)
-                        + sspc_cost(self.anchors_j[n](e_j[m]), y_input, self.cost))
+                        + sspc_cost(self.anchors_j[n](e_j[m]), y_input[n], self.cost))
                 if m == n:
                     intra = intra + term
-                    usage.append(y_input)
                 else:
                     cross = cross + term
+        usage = list(y_input.values())
         for m in self.modalities:
             self.queue_in[m].push(e_in[m])
             self.queue_j[m].push(e_j[m])
