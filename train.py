@@ -26,7 +26,8 @@ import torch
 
 import data
 import model as M
-from losses import contrastive_loss, ctc_loss, label_smoothed_cross_entropy
+import losses as L
+from sinkhorn import SSPC
 
 
 @dataclass
@@ -60,6 +61,32 @@ class TrainConfig:
     ctc_weight: float = 1.0
     ctr_weight: float = 0.0         # lambda of ConST's contrastive term (Eq. 1); the `const` recipe sets 1.5
     ctr_tau: float = 0.02           # its temperature
+    ctr_views: str = "original"     # '+'-joined positives (ConST §3.3, Fig. 4): original, rep, sma, scut, fcut
+    ctr_level: str = "low"          # low (the shared encoder's input, ConST) | high (its output, Table 7)
+    ctr_symmetric: bool = False     # add the text->speech direction (--use-dual-ctr)
+    cutoff_rate: float = 0.1        # SCut / FCut rate (ConST App. B)
+    sma_p: float = 0.25             # span-masked audio: fraction masked, span length in samples (ConST App. B)
+    sma_span: int = 3600
+    l2_weight: float = 0.0          # ConST Table 5's L2 alternative on the same pooled vectors
+    halign_weight: float = 0.0      # H-Align (S-Align §2.6); the recipes set 1.5 x 0.3 = 0.45 as the code does
+    halign_tau: float = 0.1
+    adv_weight: float = 0.0         # S-Align's at-scale a (4.0): weight of the adversarial terms
+    adv_variant: str = "confusion"  # confusion (the official code: L_D + L_G towards 0.5) | grl (gradient reversal)
+    adv_d_extra: float = 1.5        # L_D's extra factor in the official code
+    adv_decay_start: float = 0.5    # a is constant until this fraction of max_steps (25k of 50k) ...
+    adv_decay_end: float = 0.9      # ... then falls linearly to 0 here (45k of 50k)
+    adv_gen_warmup: float = 0.02    # no L_G before this fraction of max_steps (1k of 50k)
+    adv_mixup: str = "auto"         # speech/text mix-up for D: ctc (CTC-aligned) | length (proportional) | none | auto
+    adv_mixup_prob: float = 0.3     # per batch
+    adv_mixup_start: float = 0.06   # fraction of max_steps (3k of 50k)
+    adv_text_noise: bool = True     # blank-noise the transcript fed to D (target 1 - rho)
+    adv_noise_p: float = 0.2
+    adv_noise_rho: float = 0.3
+    sspc_weight: float = 0.0        # beta of SSPC (sinkhorn.py), on a per-sentence scale (METHODS §3.6)
+    sspc_anchors: int = 64
+    sspc_r: int = 0                 # anchors per sample; 0 = anchors // 2
+    sspc_queue: int = 4096
+    sspc_cost: str = "code"         # code (the official BCE on exp(P / 0.1)) | bce | ce
     label_smoothing: float = 0.1
     reencode_asr: bool = False      # ConST encodes the speech again for ASR; False reuses the ST pass (CPU)
     # optimisation
@@ -87,9 +114,24 @@ TRAIN_PRESETS = {
                  lr=1e-4, warmup=25_000, clip=10.0, accum=2, max_steps=500_000, ctc_weight=0.0, reencode_asr=True,
                  eval_every=1000, eval_beam=4, eval_dev_max=10**9, max_audio_seconds=30.0, workers=4),
 }
-# Named recipes set the papers' values. xstnet: ConST Eq. 1 without the alignment term. const: with
-# the contrastive term on low-level states, lambda 1.5 and tau 0.02 for En-De (ConST §4.1).
-RECIPES = {"xstnet": {}, "const": {"ctr_weight": 1.5, "ctr_tau": 0.02}}
+# Named recipes switch the alignment terms on with the papers' values; the multitask backbone
+# (XSTNet: ST + ASR + MT + CTC) is the same for all, so their effects compare.
+#   xstnet       no alignment term (ConST with lambda 0)
+#   const        contrastive, low level, lambda 1.5, tau 0.02 for En-De (ConST §4.1)
+#   h-align      contrastive on the shared encoder's outputs, tau 0.1, weight 1.5 x CTC's 0.3 (S-Align code)
+#   s-align      adversarial soft alignment, a = 4 (S-Align code)
+#   s+h          both (S-Align's "both" row)
+#   sspc         SSPC, beta 1 (METHODS §3.6);  sspc+const: with ConST's contrastive term
+RECIPES = {
+    "xstnet": {},
+    "const": {"ctr_weight": 1.5, "ctr_tau": 0.02},
+    "h-align": {"halign_weight": 0.45, "halign_tau": 0.1},
+    "s-align": {"adv_weight": 4.0},
+    "s+h": {"adv_weight": 4.0, "halign_weight": 0.45, "halign_tau": 0.1},
+    "sspc": {"sspc_weight": 1.0},
+    "sspc+const": {"sspc_weight": 1.0, "ctr_weight": 1.5, "ctr_tau": 0.02},
+}
+CTR_VIEWS = ("original", "rep", "sma", "scut", "fcut")
 
 
 def parse_config(argv: list) -> TrainConfig:
@@ -122,7 +164,9 @@ def parse_config(argv: list) -> TrainConfig:
     recipe = given.get("recipe", TrainConfig.recipe)
     if recipe not in RECIPES:
         raise SystemExit(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
-    return TrainConfig(**{**TRAIN_PRESETS[preset], **RECIPES[recipe], **given})
+    cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **RECIPES[recipe], **given})
+    check_config(cfg)
+    return cfg
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> M.ModelConfig:
@@ -152,31 +196,180 @@ class TextOnly(torch.utils.data.Dataset):
                 "tgt": self.ds.tgt_ids[i]}
 
 
-def objective(cfg: TrainConfig, model: M.SpeechTranslator, batch: data.Batch, tasks: tuple) -> tuple:
-    """ConST Eq. 1 as one weighted sum of summed losses, divided by the ST target tokens
-    (METHODS §1.4). Returns (loss, dict of logged values per term, per token)."""
+CHOICES = {"stage": ("multitask", "mt"), "ctr_level": ("low", "high"), "adv_variant": ("confusion", "grl"),
+           "adv_mixup": ("auto", "ctc", "length", "none"), "sspc_cost": ("code", "bce", "ce")}
+
+
+def check_config(cfg: TrainConfig):
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise SystemExit(f"--{key}={getattr(cfg, key)!r}: choose one of {', '.join(allowed)}")
+    views = cfg.ctr_views.split("+")
+    if not views or any(v not in CTR_VIEWS for v in views) or len(set(views)) != len(views):
+        raise SystemExit(f"--ctr_views={cfg.ctr_views!r}: join distinct names from {', '.join(CTR_VIEWS)} with '+'")
+
+
+def build_aligners(cfg: TrainConfig, d_model: int) -> torch.nn.ModuleDict:
+    """The alignment terms' own weights, outside the translation model: S-Align's discriminator and
+    SSPC's anchors and queues. Empty for xstnet and const."""
+    aux = torch.nn.ModuleDict()
+    if cfg.adv_weight > 0:
+        aux["disc"] = L.ModalityDiscriminator(d_model, dropout=cfg.dropout)
+    if cfg.sspc_weight > 0:
+        aux["sspc"] = SSPC(d_model, k=cfg.sspc_anchors, r=cfg.sspc_r or None, queue=cfg.sspc_queue, cost=cfg.sspc_cost)
+    return aux
+
+
+def text_tables(vocab: data.Vocab) -> dict:
+    """(V,) lookups for S-Align's text noise: punctuation pieces, and pieces that start a word."""
+    pieces = [vocab.sp.id_to_piece(i) for i in range(len(vocab))]
+    special = {data.BOS_ID, data.PAD_ID, data.EOS_ID, data.UNK_ID, *vocab.tags.values()}
+    punct = [i not in special and p.lstrip("\u2581") in {",", ".", ";", "!", "?", ":", "..", "..."} for i, p in enumerate(pieces)]
+    initial = [i not in special and p.startswith("\u2581") and not punct[i] for i, p in enumerate(pieces)]
+    return {"punctuation": torch.tensor(punct), "word_initial": torch.tensor(initial)}
+
+
+def contrastive_views(cfg: TrainConfig, raw: M.SpeechTranslator, batch: data.Batch, out: M.Outputs) -> dict:
+    """ConST's positive pairs (u, v), one N-pair term each (§3.3, METHODS §1.6): the original pair
+    and any of the hard examples: span-masked audio (SMA), repeated words (Rep), sequence and feature
+    cut-off (SCut, FCut) of the low-level speech states. The transcript side is a fresh embedding
+    pass, as ConST's code. With ctr_level=high both sides go through the shared encoder (Table 7)."""
+    level_high = cfg.ctr_level == "high"
+
+    def speech(states, lens):
+        return M.masked_mean(raw.encode(states, lens) if level_high else states, lens)
+
+    def text(tokens, lens):
+        states, lens = raw.encode_text(tokens, lens)
+        return M.masked_mean(raw.encode(states, lens) if level_high else states, lens)
+
+    u = M.masked_mean(out.speech_high, out.speech_lens) if level_high else M.masked_mean(out.speech_low, out.speech_lens)
+    v = text(batch.src, batch.src_lens)
+    pairs = {}
+    for view in cfg.ctr_views.split("+"):
+        if view == "original":
+            pairs[view] = (u, v)
+        elif view == "rep":
+            special = {data.BOS_ID, data.PAD_ID, data.EOS_ID, *batch.src[:, 0].tolist()}   # tags stay single
+            pairs[view] = (u, text(*data.repeat_words_batch(batch.src, batch.src_lens, special)))
+        elif view == "sma":
+            masked, _ = data.span_mask_audio(batch.audio, batch.audio_lens, cfg.sma_p, cfg.sma_span)
+            pairs[view] = (speech(*raw.encode_speech(masked, batch.audio_lens)), v)
+        elif view == "scut":
+            pairs[view] = (speech(L.sequence_cutoff(out.speech_low, out.speech_lens, cfg.cutoff_rate), out.speech_lens), v)
+        elif view == "fcut":
+            pairs[view] = (speech(L.feature_cutoff(out.speech_low, out.speech_lens, cfg.cutoff_rate), out.speech_lens), v)
+    return pairs
+
+
+def s_align_terms(cfg: TrainConfig, raw: M.SpeechTranslator, disc: L.ModalityDiscriminator, batch: data.Batch,
+                  out: M.Outputs, step: int, tables: dict) -> tuple:
+    """S-Align's adversarial terms (METHODS §2.4-2.5, 2.9): the discriminator sees the speech pass's
+    encoder output (target 0), or, in a mixed batch, a speech/text mix-up at ratio r (target r); and
+    the transcript pass's output (target 1), or a blank-noised transcript (target 1 - rho). Each
+    sentence weighs its transcript length (the official code weighs positions; our speech is not
+    CTC-shrunk, so its frame count would dwarf the text's). -> (L_D, L_G, logs)."""
+    B = len(batch)
+    z_sp, y_sp = out.speech_high, torch.zeros(B, device=out.speech_high.device)
+    mixup = cfg.adv_mixup if cfg.adv_mixup != "auto" else ("ctc" if cfg.ctc_weight > 0 else "length")
+    mixed = 0.0
+    if mixup != "none" and step >= cfg.adv_mixup_start * cfg.max_steps and float(torch.rand(())) < cfg.adv_mixup_prob:
+        T = out.speech_low.shape[1]
+        if mixup == "ctc":    # each frame's CTC label (blank included), as the official code after shrinking
+            with torch.no_grad():
+                tokens = torch.nn.functional.linear(out.speech_low, raw.embed_tokens.weight).argmax(-1)
+        else:
+            tokens = batch.src.gather(1, L.length_proportional_alignment(out.speech_lens, batch.src_lens, T))
+        # a text frame: the scaled word embedding at the speech frame's position, no dropout
+        frames = raw.embed_tokens(tokens) * raw.embed_scale + raw.positions[:T].to(out.speech_low.dtype)
+        y_sp = torch.rand(B, device=z_sp.device)
+        mix, _ = L.modality_mixup(out.speech_low, out.speech_lens, frames, y_sp)
+        z_sp, mixed = raw.encode(mix, out.speech_lens), 1.0
+    if cfg.adv_text_noise:
+        tx, tx_lens, y_tx, _ = L.blank_noise(batch.src, batch.src_lens, tables["punctuation"].to(batch.src.device),
+                                             tables["word_initial"].to(batch.src.device), cfg.adv_noise_p,
+                                             cfg.adv_noise_rho)
+        z_tx = raw.encode(*raw.encode_text(tx, tx_lens))
+    else:
+        tx_lens, y_tx = batch.src_lens, torch.ones(B, device=z_sp.device)
+        z_tx = out.text_high if out.text_high is not None else raw.encode(*raw.encode_text(batch.src, batch.src_lens))
+    w = batch.src_lens.float()
+    y_tx = y_tx.to(z_sp.device)
+    if cfg.adv_variant == "grl":
+        lam = L.grl_lambda(step / max(cfg.max_steps, 1))
+        logit_sp = disc(L.grad_reverse(z_sp, lam), out.speech_lens)
+        logit_tx = disc(L.grad_reverse(z_tx, lam), tx_lens)
+        loss_d = L.modality_bce(logit_sp, y_sp, w) + L.modality_bce(logit_tx, y_tx, w)
+        loss_g = torch.zeros((), device=z_sp.device)
+    else:
+        loss_d = L.discriminator_loss(disc, z_sp, out.speech_lens, y_sp, w) + L.discriminator_loss(disc, z_tx, tx_lens, y_tx, w)
+        loss_g = L.generator_loss(disc, z_sp, out.speech_lens, w) + L.generator_loss(disc, z_tx, tx_lens, w)
+        with torch.no_grad():
+            logit_sp, logit_tx = disc(z_sp, out.speech_lens), disc(z_tx, tx_lens)
+    with torch.no_grad():   # accuracy of D on a 0.5 threshold of its targets
+        acc = ((logit_sp.squeeze(-1) > 0) == (y_sp > 0.5)).float().mean() + ((logit_tx.squeeze(-1) > 0) == (y_tx > 0.5)).float().mean()
+    logs = {"disc_bce": float(loss_d.detach()) / (2 * float(w.sum())), "gen_bce": float(loss_g.detach()) / (2 * float(w.sum())),
+            "disc_acc": float(acc) / 2, "mixed": mixed}
+    return loss_d, loss_g, logs
+
+
+def objective(cfg: TrainConfig, model: M.SpeechTranslator, batch: data.Batch, tasks: tuple, step: int = 0,
+              aux: torch.nn.ModuleDict | None = None, tables: dict | None = None) -> tuple:
+    """ConST Eq. 1 with every alignment term of the three papers, as one weighted sum of summed
+    losses divided by the ST target tokens (METHODS §1.4). Returns (loss, dict of logged values:
+    each term per target token, plus the alignment terms' own diagnostics)."""
     raw = model.module if hasattr(model, "module") else model
     out = model(batch, tasks, reencode_asr=cfg.reencode_asr)
-    n_tokens = batch.tgt_lens.sum()
-    terms = {}
+    n_tokens, B = batch.tgt_lens.sum(), len(batch)
+    terms, logs = {}, {}
     for task in tasks:
-        terms[task], _, _ = label_smoothed_cross_entropy(out.logits[task], out.targets[task], cfg.label_smoothing)
-    if "st" in tasks and cfg.ctc_weight > 0:
-        terms["ctc"] = ctc_loss(out.speech_low, out.speech_lens, raw.embed_tokens.weight, batch.src, batch.src_lens)
-    if "st" in tasks and cfg.ctr_weight > 0:   # pooled speech of the ST pass vs a fresh embedding of the transcript
-        text_low, text_lens = raw.encode_text(batch.src, batch.src_lens)
-        terms["ctr"] = contrastive_loss(M.masked_mean(out.speech_low, out.speech_lens), M.masked_mean(text_low, text_lens),
-                                        cfg.ctr_tau)
+        terms[task], _, _ = L.label_smoothed_cross_entropy(out.logits[task], out.targets[task], cfg.label_smoothing)
+    speech = "st" in tasks
+    if speech and cfg.ctc_weight > 0:
+        terms["ctc"] = L.ctc_loss(out.speech_low, out.speech_lens, raw.embed_tokens.weight, batch.src, batch.src_lens)
+    if speech and (cfg.halign_weight > 0 or cfg.sspc_weight > 0) and out.text_high is None:
+        out.text_low, out.text_lens = raw.encode_text(batch.src, batch.src_lens)
+        out.text_high = raw.encode(out.text_low, out.text_lens)
+    if speech and cfg.ctr_weight > 0:      # ConST: one N-pair term per positive view
+        terms["ctr"] = sum(L.contrastive_loss(u, v, cfg.ctr_tau, cfg.ctr_symmetric)
+                           for u, v in contrastive_views(cfg, raw, batch, out).values())
+    if speech and cfg.l2_weight > 0:
+        v = M.masked_mean(raw.encode_text(batch.src, batch.src_lens)[0], batch.src_lens)
+        terms["l2"] = L.l2_alignment_loss(M.masked_mean(out.speech_low, out.speech_lens), v)
+    if speech and cfg.halign_weight > 0:   # the code's alpha * (N_tok / N_sent) * L_CL: a per-sentence mean
+        terms["halign"] = L.hard_alignment_loss(out.speech_high, out.speech_lens, out.text_high, out.text_lens,
+                                                cfg.halign_tau) * n_tokens / B
+    adv_d = adv_g = 0.0
+    if speech and cfg.adv_weight > 0:
+        terms["adv_d"], terms["adv_g"], more = s_align_terms(cfg, raw, aux["disc"], batch, out, step, tables)
+        adv_d, adv_g = L.adversarial_weights(step, cfg.max_steps, cfg.adv_weight, cfg.adv_d_extra,
+                                             cfg.adv_decay_start, cfg.adv_decay_end, cfg.adv_gen_warmup)
+        if cfg.adv_variant == "grl":
+            adv_d = adv_d / cfg.adv_d_extra
+        logs.update(more, adv_scale=adv_d)
+    if speech and cfg.sspc_weight > 0:     # input space: pooled low-level speech, sqrt(d) E[x] without positions
+        e_in = {"s": M.masked_mean(out.speech_low, out.speech_lens),
+                "x": M.masked_mean(raw.embed_tokens(batch.src) * raw.embed_scale, batch.src_lens)}
+        e_j = {"s": M.masked_mean(out.speech_high, out.speech_lens), "x": M.masked_mean(out.text_high, out.text_lens)}
+        sspc, more = aux["sspc"](e_in, e_j)
+        terms["sspc"] = sspc * B           # a per-sentence mean, summed over sentences like the rest
+        logs.update(more)
     weights = {"st": cfg.st_weight, "asr": cfg.asr_weight, "mt": cfg.mt_weight, "ctc": cfg.ctc_weight,
-               "ctr": cfg.ctr_weight}
+               "ctr": cfg.ctr_weight, "l2": cfg.l2_weight, "halign": cfg.halign_weight, "adv_d": adv_d, "adv_g": adv_g,
+               "sspc": cfg.sspc_weight}
     loss = (
         weights["st"] * terms.get("st", 0.0)
         + weights["asr"] * terms.get("asr", 0.0)
         + weights["mt"] * terms.get("mt", 0.0)
         + weights["ctc"] * terms.get("ctc", 0.0)
-        + weights["ctr"] * terms.get("ctr", 0.0)        # ConST: lambda * L_CTR
+        + weights["ctr"] * terms.get("ctr", 0.0)          # ConST: lambda * L_CTR (summed over its views)
+        + weights["l2"] * terms.get("l2", 0.0)            # ConST Table 5: L2 instead
+        + weights["halign"] * terms.get("halign", 0.0)    # S-Align's H-Align
+        + weights["adv_d"] * terms.get("adv_d", 0.0)      # S-Align: 1.5 a L_D (trains the discriminator only)
+        + weights["adv_g"] * terms.get("adv_g", 0.0)      # S-Align: a L_G (trains the encoders only)
+        + weights["sspc"] * terms.get("sspc", 0.0)        # SSPC: beta * L_SSPC
     ) / n_tokens
-    return loss, {k: v.item() / n_tokens.item() for k, v in terms.items()}
+    return loss, {**{k: float(v.detach()) / n_tokens.item() for k, v in terms.items()}, **logs}
 
 
 def save_checkpoint(path: Path, state: dict):
@@ -203,6 +396,7 @@ def build_model(mcfg: dict) -> M.SpeechTranslator:
 
 
 def train(cfg: TrainConfig) -> dict:
+    check_config(cfg)
     # -- distributed, device, precision, seeds
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
@@ -265,15 +459,20 @@ def train(cfg: TrainConfig) -> dict:
             raise KeyError(f"{cfg.init_from}: weights do not fit this model (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]})")
         say(f"initialised from {cfg.init_from} (step {init['step']}); new: {sorted({k.split('.')[0] for k in missing})}")
+    aux = build_aligners(cfg, mcfg.d_model).to(device)
+    tables = text_tables(vocab)
     w2v_params = [p for n, p in model.named_parameters() if n.startswith("wav2vec2.")]
     other = [p for n, p in model.named_parameters() if not n.startswith("wav2vec2.")]
+    # the aligners' weights (discriminator, anchors) learn with the same Adam and lr (S-Align, SSPC)
     optimizer = torch.optim.Adam([{"params": other, "lr": cfg.lr},
-                                  {"params": w2v_params, "lr": cfg.lr * cfg.w2v_lr_scale}], betas=(0.9, 0.98))
+                                  {"params": w2v_params, "lr": cfg.lr * cfg.w2v_lr_scale},
+                                  {"params": list(aux.parameters()), "lr": cfg.lr}], betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: inverse_sqrt(s, cfg.warmup))
     step, best_bleu, bad_in_row, skipped = 0, -1.0, 0, 0
     if cfg.resume:
         ck = load_checkpoint(out_dir / "last.pt")
         model.load_state_dict(ck["model"])
+        aux.load_state_dict(ck.get("aligners", {}))
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         sampler.load_state_dict(ck["sampler"])
@@ -289,9 +488,12 @@ def train(cfg: TrainConfig) -> dict:
     say("config: " + json.dumps(asdict(cfg)))
     say(f"model: {cfg.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"frontend {mcfg.frontend}, tasks {'+'.join(tasks)}, device {device}, bf16 {use_bf16}, world {world}")
+    if len(aux):
+        say(f"recipe {cfg.recipe}: aligners {', '.join(aux)} ({sum(p.numel() for p in aux.parameters()) / 1e6:.2f}M "
+            f"parameters)")
 
     def checkpoint_state() -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        return {"model": model.state_dict(), "aligners": aux.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "sampler": sampler.state_dict(), "step": step, "best_bleu": best_bleu, "skipped": skipped,
                 "config": asdict(cfg), "model_config": asdict(mcfg), "vocab": str(vocab.path.resolve()),
                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -311,6 +513,7 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.freeze_w2v_steps and mcfg.frontend == "wav2vec2":
             model.freeze_wav2vec2(step < cfg.freeze_w2v_steps)
         net.train()
+        aux.train()
         optimizer.zero_grad(set_to_none=True)
         step_terms, finite = {}, True
         for micro in range(cfg.accum):
@@ -321,7 +524,7 @@ def train(cfg: TrainConfig) -> dict:
                 batch = next(batches)
             batch = batch.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, terms = objective(cfg, net, batch, tasks)
+                loss, terms = objective(cfg, net, batch, tasks, step, aux, tables)
             finite = finite and bool(torch.isfinite(loss))
             (loss / cfg.accum).backward()
             sampler.advance()
@@ -337,7 +540,16 @@ def train(cfg: TrainConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
             continue
         bad_in_row = 0
+        if ddp and len(aux):     # the aligners sit outside DDP: average their gradients by hand
+            for p in aux.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        # clipped on their own: the discriminator's loss trains only the discriminator and must not
+        # shrink the translation model's step through a shared norm
+        torch.nn.utils.clip_grad_norm_(aux.parameters(), cfg.clip)
         optimizer.step()
         scheduler.step()
         step += 1

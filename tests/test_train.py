@@ -136,3 +136,105 @@ def test_mt_stage_then_init_from(tiny_corpus, tmp_path):
     assert set(multi["history"][0]) == {"st", "asr", "mt", "ctc"}
     with pytest.raises(FileNotFoundError):
         train.train(config(tiny_corpus, tmp_path / "x", init_from=str(tmp_path / "missing.pt")))
+
+
+def _model_and_batch(corpus, **over):
+    import data
+    import model as M
+    cfg = config(corpus, "unused", dropout=0.0, **over)
+    vocab = data.build_vocab(corpus, cfg.vocab_size, verbose=False)
+    ds = data.MustcSplit(corpus, "train", vocab, verbose=False)
+    batch = data.collate([ds[i] for i in range(6)])
+    torch.manual_seed(0)
+    return cfg, M.SpeechTranslator(train.model_config(cfg, len(vocab))), batch, vocab
+
+
+def test_lambda_zero_is_xstnet_and_each_term_enters_with_its_weight(tiny_corpus):
+    """ConST with lambda 0 = XSTNet (METHODS §1.13.10); with lambda > 0 the loss grows by exactly
+    lambda * L_CTR / N_tgt, and likewise for L2 and H-Align."""
+    cfg, model, batch, _ = _model_and_batch(tiny_corpus)
+    tasks = ("st", "asr", "mt")
+    base, terms = train.objective(cfg, model, batch, tasks)
+    zero, _ = train.objective(train.dataclasses.replace(cfg, ctr_weight=0.0, ctr_tau=0.05), model, batch, tasks)
+    assert torch.equal(base, zero) and set(terms) == {"st", "asr", "mt", "ctc"}
+    n = batch.tgt_lens.sum().item()
+    for key, over in (("ctr", dict(ctr_weight=1.5)), ("l2", dict(l2_weight=0.7)), ("halign", dict(halign_weight=0.45))):
+        loss, terms = train.objective(train.dataclasses.replace(cfg, **over), model, batch, tasks)
+        weight = next(iter(over.values()))
+        assert terms[key] > 0 and abs(loss.item() - base.item() - weight * terms[key]) < 1e-4 * (1 + loss.item()), key
+
+
+def test_contrastive_views_every_combination(tiny_corpus):
+    """Any of the 31 non-empty subsets of Original/Rep/SMA/SCut/FCut is one N-pair term per view;
+    the original view is Eq. 4 on the pooled low-level states."""
+    import itertools
+    import losses
+    import model as M
+    cfg, model, batch, _ = _model_and_batch(tiny_corpus)
+    out = model(batch, ("st",))
+    combos = [c for k in range(1, 6) for c in itertools.combinations(train.CTR_VIEWS, k)]
+    assert len(combos) == 31
+    for combo in combos:
+        c = train.dataclasses.replace(cfg, ctr_views="+".join(combo))
+        train.check_config(c)
+        pairs = train.contrastive_views(c, model, batch, out)
+        assert tuple(pairs) == combo
+    pairs = train.contrastive_views(train.dataclasses.replace(cfg, ctr_views="original+scut+rep"), model, batch, out)
+    u = M.masked_mean(out.speech_low, out.speech_lens)
+    v = M.masked_mean(model.encode_text(batch.src, batch.src_lens)[0], batch.src_lens)
+    assert torch.allclose(pairs["original"][0], u) and torch.allclose(pairs["original"][1], v, atol=1e-6)
+    assert not torch.allclose(pairs["scut"][0], u) and torch.allclose(pairs["scut"][1], v, atol=1e-6)
+    assert torch.allclose(pairs["rep"][0], u) and not torch.allclose(pairs["rep"][1], v)
+    loss, terms = train.objective(train.dataclasses.replace(cfg, ctr_weight=1.0, ctr_views="original+fcut"), model, batch,
+                                  ("st",))
+    assert terms["ctr"] > 0
+    for bad in ("orignal", "original+original", "scut+"):
+        with pytest.raises(SystemExit, match="ctr_views"):
+            train.check_config(train.dataclasses.replace(cfg, ctr_views=bad))
+
+
+def test_recipes_set_the_papers_values():
+    r = {name: train.parse_config([f"--recipe={name}"]) for name in train.RECIPES}
+    assert (r["const"].ctr_weight, r["const"].ctr_tau) == (1.5, 0.02)
+    assert (r["h-align"].halign_weight, r["h-align"].halign_tau, r["h-align"].adv_weight) == (0.45, 0.1, 0.0)
+    assert (r["s-align"].adv_weight, r["s-align"].halign_weight) == (4.0, 0.0)
+    assert (r["s+h"].adv_weight, r["s+h"].halign_weight) == (4.0, 0.45)
+    assert r["sspc"].sspc_weight == 1.0 and r["sspc+const"].ctr_weight == 1.5
+    assert all(r["xstnet"].__dict__[k] == 0 for k in ("ctr_weight", "l2_weight", "halign_weight", "adv_weight",
+                                                     "sspc_weight"))
+    with pytest.raises(SystemExit, match="adv_variant"):
+        train.parse_config(["--adv_variant=minimax"])
+
+
+def test_alignment_recipes_train_log_their_terms_and_resume_exactly(tiny_corpus, tmp_path, monkeypatch):
+    """S-Align + H-Align + SSPC in one run: the discriminator and the anchors learn, the queue fills
+    and switches SSPC on, the logs carry D's and G's losses separately, and a run killed after its
+    step-4 checkpoint resumes (aligners, queues, schedule) to equal the uninterrupted one bitwise."""
+    over = dict(adv_weight=4.0, halign_weight=0.45, sspc_weight=1.0, sspc_queue=24, adv_gen_warmup=0.1,
+                adv_mixup_start=0.0, adv_mixup_prob=0.5, adv_noise_p=0.5, max_steps=8, eval_every=4, eval_dev_max=2)
+    whole = train.train(config(tiny_corpus, tmp_path / "a", **over))
+    real, calls = train.objective, {"n": 0}
+
+    def killed_at_step_5(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(train, "objective", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(config(tiny_corpus, tmp_path / "b", **over))
+    monkeypatch.setattr(train, "objective", real)
+    at_4 = torch.load(tmp_path / "b" / "last.pt")
+    assert at_4["step"] == 4
+    second = train.train(config(tiny_corpus, tmp_path / "b", resume=True, **over))
+    assert second["history"] == whole["history"][4:]
+    a, b = torch.load(tmp_path / "a" / "last.pt"), torch.load(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(a["aligners"][k], b["aligners"][k]) for k in a["aligners"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    h = whole["history"]
+    assert {"adv_d", "adv_g", "disc_bce", "gen_bce", "disc_acc", "halign", "sspc", "sspc_intra", "sspc_cross",
+            "anchor_entropy"} <= set(h[0])
+    assert h[0]["adv_g"] > 0 and h[0]["sspc_on"] == 0 and h[0]["sspc"] == 0 and h[-1]["sspc_on"] == 1 and h[-1]["sspc"] > 0
+    assert 0 < h[-1]["anchor_entropy"] <= math.log(64) + 1e-6
+    for k in ("disc.fc1.weight", "disc.out_proj.weight", "sspc.anchors_in.s.weight", "sspc.anchors_j.x.weight"):
+        assert not torch.equal(a["aligners"][k], at_4["aligners"][k]), k
