@@ -485,6 +485,9 @@ def train(cfg: TrainConfig) -> dict:
     # the MT stage leaves the speech path unused, and freezing wav2vec2 takes it out of the graph for a while
     unused = text_stage or cfg.freeze_w2v_steps > 0
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused) if ddp else model
+    if ddp:     # DDP broadcasts the model's weights from rank 0; the aligners sit outside it
+        for t in (*aux.parameters(), *aux.buffers()):
+            torch.distributed.broadcast(t.data, 0)
     say("config: " + json.dumps(asdict(cfg)))
     say(f"model: {cfg.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"frontend {mcfg.frontend}, tasks {'+'.join(tasks)}, device {device}, bf16 {use_bf16}, world {world}")
