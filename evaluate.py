@@ -1,6 +1,7 @@
 """evaluate.py: decode a split and score it: BLEU and chrF++ (sacreBLEU), WER, cross-modal retrieval.
 
     python evaluate.py --ckpt runs/demo/last.pt [--split tst-COMMON] [--tasks st,asr,mt,retrieval] [--beam 5]
+    python evaluate.py --compare runs/cmp/*       # one markdown table of runs already evaluated
 
 Writes one hypothesis file per task and eval_<split>.json beside the checkpoint, and prints the
 JSON summary as its last line.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -84,7 +86,9 @@ def wer(hyps: list, refs: list) -> float:
 
 
 def plot_loss_curves(log_file: Path, out: Path) -> Path | None:
-    """Training losses per term against steps, from train.py's log.jsonl (the MT stage's too, if beside it)."""
+    """Training losses per term against steps, from train.py's log.jsonl (the MT stage's too, if
+    beside it); with S-Align, a second panel of the discriminator's and the generator's BCE (the
+    S-Align paper's training-curve figure); with SSPC, a panel of its intra- and cross-modal terms."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -92,16 +96,31 @@ def plot_loss_curves(log_file: Path, out: Path) -> Path | None:
                                                            if f.exists()]
     if not runs:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    rows = {f: [r for r in map(json.loads, filter(str.strip, f.read_text().splitlines())) if "lr" in r] for f, _ in runs}
+    mine = rows[runs[0][0]] if runs[0][1] == "" else []
+    panels = ["loss"] + [p for p, key in (("adv", "disc_bce"), ("sspc", "sspc_intra")) if any(key in r for r in mine)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
+    ax = axes[0, 0]
     for f, prefix in runs:
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if "lr" in r]
-        for term in ("st", "asr", "mt", "ctc"):
-            pts = [(r["step"], r[term]) for r in rows if term in r]
+        for term in ("st", "asr", "mt", "ctc", "ctr", "l2", "halign", "sspc"):
+            pts = [(r["step"], r[term]) for r in rows[f] if r.get(term)]
             if pts:
                 ax.plot(*zip(*pts), label=prefix + term.upper(), linestyle="--" if prefix else "-")
     ax.set(xlabel="step", ylabel="loss per target token", title="training losses", yscale="log")
     ax.legend()
+    for ax, panel in zip(axes[0, 1:], panels[1:]):
+        if panel == "adv":
+            for key, label in (("disc_bce", "discriminator (L_D)"), ("gen_bce", "generator (L_G, target 0.5)")):
+                ax.plot([r["step"] for r in mine if key in r], [r[key] for r in mine if key in r], label=label)
+            ax.axhline(math.log(2), color="grey", linestyle=":", label="ln 2 (chance / equilibrium)")
+            ax.set(xlabel="step", ylabel="BCE per position", title="S-Align: adversarial game")
+        else:
+            for key, label in (("sspc_intra", "intra-modal"), ("sspc_cross", "cross-modal")):
+                pts = [(r["step"], r[key]) for r in mine if r.get("sspc_on")]
+                if pts:
+                    ax.plot(*zip(*pts), label=label)
+            ax.set(xlabel="step", ylabel="cost (4 terms each)", title="SSPC (after the queues filled)")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -188,9 +207,27 @@ def results_table(summary: dict, minutes: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def compare_table(run_dirs: list, split: str = "tst-COMMON") -> str:
+    """A markdown table of the eval_<split>.json of several runs (one row per run directory)."""
+    head = ("| run | ST BLEU | MT BLEU | ASR WER % | ST chrF++ | s2t low % | t2s low % | s2t high % | t2s high % |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for d in run_dirs:
+        f = Path(d) / f"eval_{split}.json"
+        if not f.exists():
+            raise FileNotFoundError(f"{f} does not exist; run python evaluate.py --ckpt {d}/last.pt first")
+        r = json.loads(f.read_text())
+        ret = r.get("retrieval", {})
+        cells = [r.get("st_bleu"), r.get("mt_bleu"), r.get("asr_wer"), r.get("chrf"),
+                 *(ret.get(level, {}).get(way) for level in ("low", "high") for way in ("s2t", "t2s"))]
+        lines.append(f"| {Path(d).name} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ckpt", help="a checkpoint written by train.py")
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print one table of these runs' saved results")
     p.add_argument("--split", default="tst-COMMON")
     p.add_argument("--tasks", default="st,asr,mt,retrieval")
     p.add_argument("--beam", type=int, default=5)
@@ -199,6 +236,12 @@ def main(argv: list) -> dict:
     p.add_argument("--quiet", action="store_true", help="no signatures and per-task lines")
     p.add_argument("--no_plots", action="store_true", help="skip similarity_<split>.png and loss_curves.png")
     a = p.parse_args(argv)
+    if a.compare:
+        table = compare_table(a.compare, a.split)
+        print(table)
+        return {"table": table}
+    if not a.ckpt:
+        p.error("give --ckpt (or --compare RUN_DIR ...)")
     model, vocab, ckpt = load(a.ckpt, a.device)
     root = Path(ckpt["config"]["data"])
     ds = data.MustcSplit(root, a.split, vocab, verbose=False)

@@ -89,3 +89,25 @@ def test_evaluate_cli_writes_hypotheses_and_summary(trained, capsys):
         assert len((folder / f"hyp_dev_{task}.txt").read_text().splitlines()) == 8
     for png in ("similarity_dev.png", "loss_curves.png"):
         assert (folder / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_loss_curves_have_adversarial_and_sspc_panels_and_runs_compare(tmp_path):
+    import matplotlib.image
+    rows = [{"step": s, "lr": 1e-3, "st": 3.0 / s, "ctc": 2.0 / s, "adv_d": 1.0, "disc_bce": 0.6, "gen_bce": 0.7,
+             "sspc": 0.1 * (s > 2), "sspc_intra": 3.5, "sspc_cross": 3.4, "sspc_on": float(s > 2)} for s in range(1, 6)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = evaluate.plot_loss_curves(tmp_path / "log.jsonl", tmp_path / "curves.png")
+    h, w = matplotlib.image.imread(out).shape[:2]
+    assert w > 2.5 * h                                      # three panels side by side
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"step": s, "lr": 1e-3, "st": 1.0}) + "\n" for s in (1, 2)))
+    h, w = matplotlib.image.imread(evaluate.plot_loss_curves(tmp_path / "log.jsonl", tmp_path / "one.png")).shape[:2]
+    assert w < 2 * h                                        # one panel without the alignment terms
+    for name, st in (("xstnet", 20.5), ("const", 22.25)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval_tst-COMMON.json").write_text(json.dumps(
+            {"st_bleu": st, "mt_bleu": 50.0, "asr_wer": 30.0, "retrieval": {"low": {"s2t": 2.0, "t2s": 3.0}}}))
+    table = evaluate.compare_table([tmp_path / "xstnet", tmp_path / "const"]).splitlines()
+    assert table[2].startswith("| xstnet | 20.50 | 50.00 | 30.00 | - | 2.00 | 3.00 | - | - |")
+    assert table[3].startswith("| const | 22.25 |")
+    with pytest.raises(FileNotFoundError, match="eval_tst-COMMON.json does not exist"):
+        evaluate.compare_table([tmp_path])
