@@ -344,9 +344,10 @@ def objective(cfg: TrainConfig, model: M.SpeechTranslator, batch: data.Batch, ta
         terms["adv_d"], terms["adv_g"], more = s_align_terms(cfg, raw, aux["disc"], batch, out, step, tables)
         adv_d, adv_g = L.adversarial_weights(step, cfg.max_steps, cfg.adv_weight, cfg.adv_d_extra,
                                              cfg.adv_decay_start, cfg.adv_decay_end, cfg.adv_gen_warmup)
-        if cfg.adv_variant == "grl":
-            adv_d = adv_d / cfg.adv_d_extra
-        logs.update(more, adv_scale=adv_d)
+        a = adv_d / cfg.adv_d_extra
+        if cfg.adv_variant == "grl":       # one reversed loss, weight a
+            adv_d = a
+        logs.update(more, adv_a=a)
     if speech and cfg.sspc_weight > 0:     # input space: pooled low-level speech, sqrt(d) E[x] without positions
         e_in = {"s": M.masked_mean(out.speech_low, out.speech_lens),
                 "x": M.masked_mean(raw.embed_tokens(batch.src) * raw.embed_scale, batch.src_lens)}
