@@ -254,3 +254,15 @@ def test_alignment_recipes_train_log_their_terms_and_resume_exactly(tiny_corpus,
     assert 0 < h[-1]["anchor_entropy"] <= math.log(64) + 1e-6
     for k in ("disc.fc1.weight", "disc.out_proj.weight", "sspc.anchors_in.s.weight", "sspc.anchors_j.x.weight"):
         assert not torch.equal(a["aligners"][k], at_4["aligners"][k]), k
+
+
+def test_text_tables_find_punctuation_and_word_starts(tiny_corpus):
+    import data
+    vocab = data.build_vocab(tiny_corpus, 200, verbose=False)
+    t = train.text_tables(vocab)
+    punct = {vocab.sp.id_to_piece(i) for i in t["punctuation"].nonzero().flatten().tolist()}
+    assert "." in {p.lstrip("\u2581") for p in punct} and not (t["punctuation"] & t["word_initial"]).any()
+    starts = [vocab.sp.id_to_piece(i) for i in t["word_initial"].nonzero().flatten().tolist()]
+    assert starts and all(p.startswith("\u2581") for p in starts)
+    for special in (data.BOS_ID, data.PAD_ID, data.EOS_ID, *vocab.tags.values()):
+        assert not t["punctuation"][special] and not t["word_initial"][special]
