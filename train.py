@@ -553,7 +553,8 @@ def train(cfg: TrainConfig) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         # clipped on their own: the discriminator's loss trains only the discriminator and must not
         # shrink the translation model's step through a shared norm
-        torch.nn.utils.clip_grad_norm_(aux.parameters(), cfg.clip)
+        if len(aux):
+            torch.nn.utils.clip_grad_norm_(aux.parameters(), cfg.clip)
         optimizer.step()
         scheduler.step()
         step += 1
