@@ -292,7 +292,7 @@ def s_align_terms(cfg: TrainConfig, raw: M.SpeechTranslator, disc: L.ModalityDis
         z_tx = raw.encode(*raw.encode_text(tx, tx_lens))
     else:
         tx_lens, y_tx = batch.src_lens, torch.ones(B, device=z_sp.device)
-        z_tx = out.text_high if out.text_high is not None else raw.encode(*raw.encode_text(batch.src, batch.src_lens))
+        z_tx = out.text_high
     w = batch.src_lens.float()
     y_tx = y_tx.to(z_sp.device)
     if cfg.adv_variant == "grl":
@@ -327,7 +327,7 @@ def objective(cfg: TrainConfig, model: M.SpeechTranslator, batch: data.Batch, ta
     speech = "st" in tasks
     if speech and cfg.ctc_weight > 0:
         terms["ctc"] = L.ctc_loss(out.speech_low, out.speech_lens, raw.embed_tokens.weight, batch.src, batch.src_lens)
-    if speech and (cfg.halign_weight > 0 or cfg.sspc_weight > 0) and out.text_high is None:
+    if speech and (cfg.halign_weight > 0 or cfg.adv_weight > 0 or cfg.sspc_weight > 0) and out.text_high is None:
         out.text_low, out.text_lens = raw.encode_text(batch.src, batch.src_lens)
         out.text_high = raw.encode(out.text_low, out.text_lens)
     if speech and cfg.ctr_weight > 0:      # ConST: one N-pair term per positive view
