@@ -25,6 +25,7 @@ import soundfile as sf
 import torch
 
 import data
+import demo_corpus
 
 
 @dataclass
@@ -37,8 +38,8 @@ class BenchConfig:
 
 def bench_data(cfg: BenchConfig) -> list:
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(cfg.data) if cfg.data else data.write_demo_corpus(
-            tmp, data.DemoConfig(train=cfg.segments, dev=10, test=10), verbose=False)
+        root = Path(cfg.data) if cfg.data else demo_corpus.write_demo_corpus(
+            tmp, demo_corpus.DemoConfig(train=cfg.segments, dev=10, test=10), verbose=False)
         vocab = data.build_vocab(root, 1000, verbose=False)
         ds = data.MustcSplit(root, "train", vocab, verbose=False)
         frames = [s.frames for s in ds.segments]

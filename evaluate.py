@@ -189,10 +189,8 @@ def bleu_on(model, ds, vocab, task: str, beam: int = 1, limit: int = 200, device
 
 def load(ckpt_path: str | Path, device="cpu") -> tuple:
     """(model, vocab, checkpoint) from a checkpoint written by train.py."""
-    import train
-    ckpt = train.load_checkpoint(ckpt_path)
-    model = train.build_model(ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
+    ckpt = M.load_checkpoint(ckpt_path)
+    model = M.SpeechTranslator.from_checkpoint(ckpt)
     return model.to(device).eval(), data.Vocab(ckpt["vocab"]), ckpt
 
 

@@ -8,6 +8,7 @@ Read top to bottom:
   5. the ConST encoder-decoder (METHODS §1.3): length adaptor, word embeddings, shared encoder,
      decoder, and `SpeechTranslator` with the pieces the losses use
   6. generation: greedy and batched beam search with a KV cache
+  7. our checkpoints: `load_checkpoint` (clear errors, weights only) and `SpeechTranslator.from_checkpoint`
 
 Shapes: B batch, S audio samples, T frames, D width. Lengths travel with tensors; padding masks
 are True on padding (data.lengths_to_padding_mask).
@@ -25,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from data import EOS_ID, PAD_ID, lengths_to_padding_mask
+from data import EOS_ID, PAD_ID, BadInput, Missing, lengths_to_padding_mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -656,6 +657,15 @@ class SpeechTranslator(nn.Module):
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         self.decoder_layer_norm = nn.LayerNorm(cfg.d_model)
 
+    @classmethod
+    def from_checkpoint(cls, ckpt: "str | Path | dict") -> "SpeechTranslator":
+        """The architecture and weights of one of train.py's checkpoints: a path, or the dict that
+        `load_checkpoint` (section 7) returned."""
+        ckpt = ckpt if isinstance(ckpt, dict) else load_checkpoint(ckpt)
+        model = cls(model_config_from_dict(ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        return model
+
     def freeze_wav2vec2(self, frozen: bool = True):
         """Fine-tuning recipes keep all of wav2vec2 fixed for the first N updates (train.py calls
         this at step 0 and N); the conv feature encoder can stay frozen for good
@@ -825,3 +835,35 @@ class SpeechTranslator(nn.Module):
             if use_cache:
                 self._reorder(cache, order)
         return [max(f)[1] if f else [] for f in finished]
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Our own checkpoints: train.py writes them (atomically), this reads them and rebuilds the model
+# ----------------------------------------------------------------------------------------------
+def load_checkpoint(path: str | Path) -> dict:
+    """One of train.py's checkpoints as a dict, read with `weights_only=True`: a file that needs
+    arbitrary Python objects to unpickle is refused, never executed. Every failure a user can cause
+    (missing, truncated, corrupt, unsafe, foreign) is a `UserError` that names the file and what to do."""
+    path = Path(path)
+    siblings = ", ".join(sorted(p.name for p in path.parent.glob("*.pt") if p != path)) if path.parent.is_dir() else ""
+    elsewhere = f"; other checkpoints in {path.parent}: {siblings}" if siblings else ""
+    if not path.is_file():
+        raise Missing(f"checkpoint {path} does not exist{elsewhere}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every unreadable file gets the same one-line answer
+        text = str(err)
+        if "Weights only load failed" in text or "Unsupported global" in text:
+            raise BadInput(f"{path}: refused: it is not a plain tensor checkpoint (unpickling it would run Python "
+                           f"code it names, an unsafe pickle); only train.py's checkpoints are read here") from None
+        raise BadInput(f"{path}: truncated or corrupt ({type(err).__name__}: {text.splitlines()[0][:80] if text else ''})"
+                       f"{elsewhere or '; no other checkpoint is in its folder'}") from None
+    missing = [k for k in ("model", "config", "model_config", "vocab", "step") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise BadInput(f"{path}: not a checkpoint of train.py (no {missing[0]!r})")
+    return ckpt
+
+
+def model_config_from_dict(mcfg: dict) -> ModelConfig:
+    w2v = Wav2Vec2Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in mcfg["w2v"].items()})
+    return ModelConfig(**{**mcfg, "w2v": w2v, "w2v_path": ""})   # the weights come from the checkpoint

@@ -380,22 +380,6 @@ def save_checkpoint(path: Path, state: dict):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "config", "model_config", "vocab", "step"):
-        if key not in ckpt:
-            raise KeyError(f"{path}: checkpoint has no {key!r}; was it written by this train.py?")
-    return ckpt
-
-
-def build_model(mcfg: dict) -> M.SpeechTranslator:
-    w2v = M.Wav2Vec2Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in mcfg["w2v"].items()})
-    return M.SpeechTranslator(M.ModelConfig(**{**mcfg, "w2v": w2v, "w2v_path": ""}))
-
-
 def train(cfg: TrainConfig) -> dict:
     check_config(cfg)
     # -- distributed, device, precision, seeds
@@ -427,7 +411,8 @@ def train(cfg: TrainConfig) -> dict:
             raise FileNotFoundError(f"{root}/data/train does not exist; point --data at an en-XX folder in MuST-C layout")
         if main_proc:
             say(f"building the demo corpus in {root.parent} (once)")
-            data.write_demo_corpus(root.parent)
+            import demo_corpus   # a dataset generator: needed once, on the first run
+            demo_corpus.write_demo_corpus(root.parent)
         if ddp:
             torch.distributed.barrier()
     vocab = data.build_vocab(root, cfg.vocab_size, verbose=main_proc)
@@ -454,7 +439,7 @@ def train(cfg: TrainConfig) -> dict:
     mcfg = model_config(cfg, len(vocab))
     model = M.SpeechTranslator(mcfg).to(device)
     if cfg.init_from:
-        init = load_checkpoint(cfg.init_from)
+        init = M.load_checkpoint(cfg.init_from)
         missing, unexpected = model.load_state_dict(init["model"], strict=False)
         if unexpected or any(not k.startswith(("wav2vec2.", "logmel.", "subsample.")) for k in missing):
             raise KeyError(f"{cfg.init_from}: weights do not fit this model (missing {missing[:3]}, "
@@ -471,7 +456,7 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: inverse_sqrt(s, cfg.warmup))
     step, best_bleu, bad_in_row, skipped = 0, -1.0, 0, 0
     if cfg.resume:
-        ck = load_checkpoint(out_dir / "last.pt")
+        ck = M.load_checkpoint(out_dir / "last.pt")
         model.load_state_dict(ck["model"])
         aux.load_state_dict(ck.get("aligners", {}))
         optimizer.load_state_dict(ck["optimizer"])
