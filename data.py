@@ -269,13 +269,18 @@ def build_vocab(root: str | Path, size: int = 10_000, verbose: bool = True) -> V
         sentence_iterator=iter([s for s in lines if s.strip()]), model_prefix=str(prefix), vocab_size=size,
         model_type="unigram", character_coverage=1.0, bos_id=BOS_ID, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID,
         user_defined_symbols=["<lang:en>", f"<lang:{tgt}>"], input_sentence_size=2_000_000,
-        shuffle_input_sentence=True, num_threads=os.cpu_count() or 1, minloglevel=2)
+        shuffle_input_sentence=True, num_threads=len(os.sched_getaffinity(0)), minloglevel=2,
+        hard_vocab_limit=False)     # a soft limit: a small corpus gets the pieces it can support, with a note
     os.replace(f"{prefix}.model", model)
     os.remove(f"{prefix}.vocab")
     meta.write_text(json.dumps({"sha256": digest, "size": size}))
+    vocab = Vocab(model)
     if verbose:
-        print(f"vocabulary: trained {model.name} ({size} pieces) in {time.time() - t0:.1f} s")
-    return Vocab(model)
+        print(f"vocabulary: trained {model.name} ({len(vocab)} pieces) in {time.time() - t0:.1f} s")
+    if len(vocab) < size:
+        print(f"note: the training text of {root} supports only {len(vocab)} pieces, not the {size} asked for; "
+              f"using {len(vocab)} (set --vocab_size={len(vocab)} or less to silence this)")
+    return vocab
 
 
 # ----------------------------------------------------------------------------------------------

@@ -187,20 +187,26 @@ def bleu_on(model, ds, vocab, task: str, beam: int = 1, limit: int = 200, device
     return bleu(hyps, [ds.segments[i].tgt for i in idx])[0]
 
 
-def load(ckpt_path: str | Path, device="cpu") -> tuple:
-    """(model, vocab, checkpoint) from a checkpoint written by train.py."""
+def load(ckpt_path: str | Path, device="cpu", data_dir: str | Path | None = None) -> tuple:
+    """(model, vocab, checkpoint) from a checkpoint written by train.py. `data_dir`: the en-XX folder
+    if it moved since training (the vocabulary lives in it)."""
     ckpt = M.load_checkpoint(ckpt_path)
+    vocab_path = Path(ckpt["vocab"]) if data_dir is None else Path(data_dir) / Path(ckpt["vocab"]).name
+    if not vocab_path.exists():
+        raise data.Missing(f"{vocab_path}, the vocabulary of {ckpt_path}, does not exist: if the data folder moved, "
+                           f"pass --data=/its/new/en-xx")
     model = M.SpeechTranslator.from_checkpoint(ckpt)
-    return model.to(device).eval(), data.Vocab(ckpt["vocab"]), ckpt
+    return model.to(device).eval(), data.Vocab(vocab_path), ckpt
 
 
-def results_table(summary: dict, minutes: float | None = None) -> str:
+def results_table(summary: dict, minutes: float | None = None, notes: list = ()) -> str:
+    """The main job's closing table; `notes` (e.g. a wall-time guard that fired) come first."""
     r = summary.get("retrieval", {})
     rows = [("ST BLEU", summary.get("st_bleu")), ("MT BLEU", summary.get("mt_bleu")), ("ASR WER %", summary.get("asr_wer")),
             ("ST chrF++", summary.get("chrf")),
             ("retrieval top-1 s2t, low %", r.get("low", {}).get("s2t")),
             ("retrieval top-1 s2t, high %", r.get("high", {}).get("s2t"))]
-    lines = [f"results on {summary['split']} ({summary['n']} segments)" + (f", {minutes:.1f} min in all" if minutes else "")]
+    lines = [f"NOTE: {n}" for n in notes] + [f"results on {summary['split']} ({summary['n']} segments)" + (f", {minutes:.1f} min in all" if minutes else "")]
     lines += [f"  {name:<30} {value:>7.2f}" for name, value in rows if value is not None]
     return "\n".join(lines)
 
@@ -227,6 +233,7 @@ def main(argv: list) -> dict:
     p.add_argument("--ckpt", help="a checkpoint written by train.py")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print one table of these runs' saved results")
     p.add_argument("--split", default="tst-COMMON")
+    p.add_argument("--data", help="the en-XX folder, if it moved since training (default: the checkpoint's)")
     p.add_argument("--tasks", default="st,asr,mt,retrieval")
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -240,8 +247,11 @@ def main(argv: list) -> dict:
         return {"table": table}
     if not a.ckpt:
         p.error("give --ckpt (or --compare RUN_DIR ...)")
-    model, vocab, ckpt = load(a.ckpt, a.device)
-    root = Path(ckpt["config"]["data"])
+    model, vocab, ckpt = load(a.ckpt, a.device, a.data)
+    root = Path(a.data or ckpt["config"]["data"])
+    if not (root / "data" / a.split).is_dir():
+        raise data.Missing(f"{root / 'data' / a.split} does not exist: if the data folder moved since training, "
+                           f"pass --data=/its/new/en-xx")
     ds = data.MustcSplit(root, a.split, vocab, verbose=False)
     if a.max_n:
         ds.segments, ds.src_ids, ds.tgt_ids = ds.segments[:a.max_n], ds.src_ids[:a.max_n], ds.tgt_ids[:a.max_n]
@@ -273,4 +283,7 @@ def main(argv: list) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except data.UserError as err:         # a mistake in the input: one line; a bug keeps its traceback
+        sys.exit(f"error: {err}")

@@ -2,7 +2,13 @@
 import json
 import math
 import os
+import random
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,3 +272,130 @@ def test_text_tables_find_punctuation_and_word_starts(tiny_corpus):
     assert starts and all(p.startswith("\u2581") for p in starts)
     for special in (data.BOS_ID, data.PAD_ID, data.EOS_ID, *vocab.tags.values()):
         assert not t["punctuation"][special] and not t["word_initial"][special]
+
+
+# ------------------------------------------------------------------ the main job: one pipeline, kill and resume, errors
+REPO = Path(__file__).resolve().parent.parent
+
+
+def job_args(corpus, out, *more) -> list:
+    """The main job (stage=all) shrunk to seconds: 4 MT steps, 4 multitask steps, a checkpoint every step."""
+    return [f"--data={corpus}", f"--out_dir={out}", "--vocab_size=200", "--mt_steps=4", "--max_steps=4",
+            "--batch_seconds=15", "--batch_tokens=300", "--workers=0", "--warmup=3", "--mt_warmup=3", "--bf16=false",
+            "--threads=1", "--seed=5", "--log_every=1", "--save_minutes=0", *more]
+
+
+def run_cli(*args, script="train.py") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_arguments_run_the_whole_pipeline(tiny_corpus, tmp_path, capsys):
+    """`python train.py --key=value` is the main job with overrides: MT stage, multitask stage from it
+    (the const recipe by default), evaluation and the results table."""
+    summary = train.main(job_args(tiny_corpus, tmp_path))
+    mt, st = M.load_checkpoint(tmp_path / "mt" / "last.pt"), M.load_checkpoint(tmp_path / "last.pt")
+    assert (mt["step"], mt["config"]["stage"], mt["config"]["lr"]) == (4, "mt", train.TrainConfig.mt_lr)
+    assert (st["step"], st["config"]["stage"], st["config"]["recipe"], st["config"]["ctr_weight"]) == (4, "multitask", "const", 1.5)
+    assert st["config"]["init_from"] == str(tmp_path / "mt" / "last.pt")
+    assert json.loads((tmp_path / "eval_tst-COMMON.json").read_text())["st_bleu"] == summary["st_bleu"]
+    out = capsys.readouterr().out
+    assert "4 MT steps, then 4 multitask steps (const)" in out and "results on tst-COMMON" in out
+    assert "retrieval top-1 s2t, low %" in out and "NOTE" not in out
+    # the same command again without --resume would mix two runs: refused, nothing touched
+    with pytest.raises(data.UserError, match="already holds a run; continue it with --resume"):
+        train.main(job_args(tiny_corpus, tmp_path))
+    # --stage=mt: that stage alone, in out_dir itself
+    train.main(job_args(tiny_corpus, tmp_path / "one", "--stage=mt"))
+    assert M.load_checkpoint(tmp_path / "one" / "last.pt")["config"]["stage"] == "mt"
+    assert not (tmp_path / "one" / "mt").exists()
+
+
+def test_max_minutes_is_said_first_in_the_table(tiny_corpus, tmp_path, capsys):
+    train.main(job_args(tiny_corpus, tmp_path, "--max_minutes=0.0001", "--mt_steps=0"))
+    out = capsys.readouterr().out
+    assert out.index("NOTE: --max_minutes=0.0001 stopped the multitask stage at step") < out.index("results on tst-COMMON")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_job(tiny_corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("whole")
+    whole = run_cli(*job_args(tiny_corpus, out, "--final_eval=false"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("stage,how", [("mt", signal.SIGKILL), ("multitask", signal.SIGKILL), ("multitask", signal.SIGINT)])
+def test_killed_main_job_resumes_to_the_same_weights(tiny_corpus, uninterrupted_job, tmp_path, stage, how):
+    """A kill at a random step of either stage, then `--resume`: the final weights of both stages
+    equal an uninterrupted run's, bitwise. SIGINT saves before it stops and says how to go on."""
+    k = random.randint(1, 3)
+    print(f"killing the {stage} stage at step {k} with {how.name}")
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "train.py", *job_args(tiny_corpus, out, "--final_eval=false")], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:     # each step's log line; multitask lines carry the st loss
+        if line.startswith(f"step {k} ") and ((" st " in line) == (stage == "multitask")):
+            p.send_signal(how)
+            break
+    _, err = p.communicate(timeout=600)
+    if how == signal.SIGKILL:
+        assert p.returncode == -signal.SIGKILL
+    else:
+        assert p.returncode == 1 and f"SIGINT at step" in err and "--resume" in err and "Traceback" not in err
+    assert (out / ("mt" if stage == "mt" else "") / "last.pt").exists()
+    resumed = run_cli(*job_args(tiny_corpus, out, "--final_eval=false", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for ckpt in ("mt/last.pt", "last.pt"):
+        a, b = torch.load(uninterrupted_job / ckpt), torch.load(out / ckpt)
+        assert a["step"] == b["step"] == 4
+        assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"]), ckpt
+
+
+def test_resume_with_nothing_to_resume_is_one_line(tiny_corpus, tmp_path):
+    with pytest.raises(data.UserError, match="nothing to resume in .*no last.pt"):
+        train.main(job_args(tiny_corpus, tmp_path / "empty", "--resume"))
+    r = run_cli(*job_args(tiny_corpus, tmp_path / "empty", "--resume"))
+    assert r.returncode == 1 and r.stderr.startswith("error: nothing to resume") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_vocabulary_too_large_for_the_corpus_is_a_soft_limit(tiny_corpus, capsys):
+    vocab = data.build_vocab(tiny_corpus, 5000)
+    out = capsys.readouterr().out
+    assert len(vocab) < 5000 and f"supports only {len(vocab)} pieces, not the 5000 asked for" in out
+    assert vocab.decode(vocab.encode_batch(["the man reads"], "en")[0]) == "the man reads"
+
+
+class _Evil:
+    def __reduce__(self):       # unpickling would create this file
+        return (open, ("/tmp/st_align_unsafe_pickle_ran", "w"))
+
+
+def test_truncated_corrupt_and_unsafe_checkpoints_are_named(tmp_path):
+    good = {"model": {"w": torch.zeros(3)}, "config": {}, "model_config": {}, "vocab": "v", "step": 1}
+    torch.save(good, tmp_path / "best.pt")
+    raw = (tmp_path / "best.pt").read_bytes()
+    (tmp_path / "last.pt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(data.UserError, match=r"last.pt: truncated or corrupt .*other checkpoints in .*: best.pt"):
+        M.load_checkpoint(tmp_path / "last.pt")
+    (tmp_path / "noise.pt").write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(data.UserError, match="noise.pt: truncated or corrupt"):
+        M.load_checkpoint(tmp_path / "noise.pt")
+    torch.save({**good, "extra": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(data.UserError, match="evil.pt: refused: .*unsafe pickle"):
+        M.load_checkpoint(tmp_path / "evil.pt")
+    assert not Path("/tmp/st_align_unsafe_pickle_ran").exists()
+    r = run_cli("--ckpt", str(tmp_path / "last.pt"), script="evaluate.py")
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "truncated or corrupt" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_evaluate_finds_a_moved_data_folder_with_data(tiny_corpus, tmp_path):
+    import evaluate
+    corpus = Path(shutil.copytree(tiny_corpus, tmp_path / "old" / "en-de"))
+    train.train(config(corpus, tmp_path / "run", max_steps=2))
+    moved = corpus.rename(tmp_path / "new-en-de")
+    args = ["--ckpt", str(tmp_path / "run" / "last.pt"), "--tasks", "st", "--beam", "1", "--max_n", "2", "--no_plots"]
+    with pytest.raises(data.UserError, match="does not exist: if the data folder moved, pass --data"):
+        evaluate.main(args)
+    assert evaluate.main(args + ["--data", str(moved)])["n"] == 2
