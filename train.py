@@ -436,6 +436,8 @@ def train(cfg: TrainConfig, bar=None) -> dict:
     """One stage (cfg.stage mt or multitask) -> {"step", "history", "skipped", "minutes", "best",
     "last", "notes"}. `bar`: a tqdm bar to advance (the main job shows one over both stages)."""
     check_config(cfg)
+    if cfg.stage == "all":        # one stage is trained here; main_job() strings the stages together
+        cfg = dataclasses.replace(cfg, stage="multitask")
     # -- distributed, device, precision, seeds
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
