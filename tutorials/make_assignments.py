@@ -81,8 +81,9 @@ def split_cells(text: str) -> list:
 
     def flush():
         src = "".join(lines)
-        if src.strip() or cells or kind != "code":       # text before the first marker is a cell if not blank
-            cells.append(Cell(kind, tags, start, src, BEGIN in src))
+        if not cells and kind == "code" and (not src.strip() or src.lstrip().startswith("# ---")):
+            return                                      # blank, or jupytext's YAML header: not a cell
+        cells.append(Cell(kind, tags, start, src, BEGIN in src))
 
     for lineno, line in enumerate(text.splitlines(keepends=True), 1):
         m = MARKER.match(line.rstrip("\n"))
