@@ -33,7 +33,6 @@
 # %%
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -289,14 +288,14 @@ for name, fn in routes.items():
 # ## 3. The real terms on one batch of a tiny model
 #
 # Now the same terms inside `train.objective`, with the `s-align` recipe on a tiny demo corpus (48
-# spoken sentences, written in well under a second) and an untrained `tiny` model. Besides the plain
+# spoken sentences, written in about a second into the output folder) and an untrained `tiny` model. Besides the plain
 # speech (target 0) and transcript (target 1) rows, the recipe feeds D two kinds of soft rows
 # (`METHODS.md` §2.5): with probability 0.3 per batch a **mix-up** of speech and text frames at ratio
 # $r \sim U(0,1)$ (target $r$), and **blank-noised** transcripts that look like CTC-shrunk speech
 # (target $1-\rho$). D's task is then a regression over $[0, 1]$, "a continuous prediction space".
 
 # %%
-corpus = demo_corpus.write_demo_corpus(Path(tempfile.mkdtemp(prefix="tut04_")),
+corpus = demo_corpus.write_demo_corpus(OUT / "demo_corpus",
                                        demo_corpus.DemoConfig(train=48, dev=4, test=4, talk_size=8, seed=3),
                                        verbose=False)
 cfg = train.parse_config(["--recipe=s-align", f"--data={corpus}", "--vocab_size=200", "--dropout=0.0",
@@ -544,11 +543,16 @@ t0 = time.time()
 toy_start = RigidMap()                                      # angle 0, shift 0: the speech cloud as it comes
 runs = {v: play(v) for v in ("confusion", "GRL")}
 print(f"played {STEPS} steps twice in {time.time() - t0:.1f} s")
+
+
+def mean_last(xs: list, n: int = 200) -> float:
+    return sum(xs[-n:]) / len(xs[-n:])
+
+
 for v, r in runs.items():
-    tail = slice(-200, None)
-    mean = lambda xs: sum(xs[tail]) / len(xs[tail])          # noqa: E731
-    print(f"{v:9s} last 200 steps: L_D {mean(r['L_D']):.3f}, L_G {mean(r['L_G']):.3f} (ln 2 = {math.log(2):.3f}); "
-          f"distance of means {mean(r['dist']):.2f} (start {r['dist'][0]:.2f}); angle gap {r['angle'][-1]:.2f} rad")
+    print(f"{v:9s} last 200 steps: L_D {mean_last(r['L_D']):.3f}, L_G {mean_last(r['L_G']):.3f} "
+          f"(ln 2 = {math.log(2):.3f}); distance of the centres {mean_last(r['dist']):.2f} "
+          f"(start {float((SPEECH[1] - TEXT[1]).norm()):.2f}); angle gap {r['angle'][-1]:.2f} rad")
 
 # %% [markdown]
 # What to see (in the figure below):
