@@ -109,11 +109,12 @@ print("time order changes nothing:", torch.allclose(disc(shuffled, lens), logits
 #   \qquad \frac{\partial}{\partial \ell}\mathrm{BCE}(\ell, \tfrac12) = \sigma(\ell) - \tfrac12 .$$
 #
 # Its minimum is $\ln 2$, at $\ell = 0$, where its gradient vanishes: a sentence that D finds ambiguous
-# is no longer pushed anywhere. `train.py` adds both terms to Eq. 1's weighted sum with the official
-# weights $1.5a$ and $a$ ($a = 4$, constant for half of training, then decaying to 0 at 90 %;
-# `losses.adversarial_weights`):
+# is no longer pushed anywhere. The official code weighs the two terms $1.5a$ and $a$ ($a = 4$, constant
+# for half of training, then decaying to 0 at 90 %; `losses.adversarial_weights`), and `train.py` adds
+# them to Eq. 1's weighted sum with weights $\lambda_D \propto 1.5a$ and $\lambda_G \propto a$, scaled
+# against our cross-entropy as `losses.adversarial_weights` derives:
 #
-# $$L = \frac{1}{N_{\text{tgt}}}\Big(L_{ST} + L_{ASR} + L_{MT} + L_{CTC} + 1.5\,a\,L_D + a\,L_G\Big).$$
+# $$L = \frac{1}{N_{\text{tgt}}}\Big(L_{ST} + L_{ASR} + L_{MT} + L_{CTC} + \lambda_D\,L_D + \lambda_G\,L_G\Big).$$
 #
 # `losses.discriminator_loss` detaches the features; `losses.generator_loss` calls D through
 # `torch.func.functional_call` with *detached copies of its weights*, so no gradient reaches D.
@@ -309,13 +310,14 @@ aux = train.build_aligners(cfg, net.cfg.d_model)           # {'disc': ModalityDi
 tables = train.text_tables(vocab)
 print(f"batch of {len(batch)} sentences; model {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters; "
       f"discriminator {sum(p.numel() for p in aux.parameters()) / 1e3:.0f}k")
-print("schedule (weight of L_D, weight of L_G) at steps 0, 10, 20, 500, 700, 900 of 1000:",
+print("official schedule (1.5a for L_D, a for L_G) at steps 0, 10, 20, 500, 700, 900 of 1000:",
       [L.adversarial_weights(s, cfg.max_steps) for s in (0, 10, 20, 500, 700, 900)])
 
 step = 100                                                  # past L_G's warm-up (2 % of training)
 torch.manual_seed(0)
 loss, terms = train.objective(cfg, net, batch, ("st", "asr", "mt"), step, aux, tables)
-print(f"\nthe weighted sum at step {step}: loss {loss.item():.3f} (divided by {int(batch.tgt_lens.sum())} target tokens)")
+print(f"\nthe weighted sum at step {step}: loss {loss.item():.3f}; its terms before their weights, each divided by the "
+      f"{int(batch.tgt_lens.sum())} target tokens, and the S-Align logs:")
 for k, v in terms.items():
     print(f"  {k:9s} {v:8.4f}")
 print(f"D's BCE per row {terms['disc_bce']:.3f} and G's {terms['gen_bce']:.3f}, against ln 2 = {math.log(2):.3f}: "
@@ -323,22 +325,28 @@ print(f"D's BCE per row {terms['disc_bce']:.3f} and G's {terms['gen_bce']:.3f}, 
 
 # %% [markdown]
 # The two adversarial terms by hand, on this batch, and where their gradients go. `out.speech_high`
-# and `out.text_high` are the shared encoder's outputs for the speech and the transcript; each sentence
-# weighs its transcript length (`train.s_align_terms` explains why not the frame count).
+# and `out.text_high` are the shared encoder's outputs for the speech and the transcript; D scores them
+# as one set of $2B$ rows, and each sentence weighs its transcript length (`train.s_align_terms`
+# explains why not the frame count).
 
 # %%
 torch.manual_seed(0)
 disc = aux["disc"]
 out = net(batch, ("st", "mt"), reencode_asr=False)
 B = len(batch)
-w = batch.src_lens.float()
-L_D = (L.discriminator_loss(disc, out.speech_high, out.speech_lens, torch.zeros(B), w)
-       + L.discriminator_loss(disc, out.text_high, out.text_lens, torch.ones(B), w))
-L_G = (L.generator_loss(disc, out.speech_high, out.speech_lens, w)
-       + L.generator_loss(disc, out.text_high, out.text_lens, w))
-unit = rows_unit(B) * float(w.mean())                      # what one modality's B rows weigh at ln 2
+# the 2B rows D scores, stacked as the official code does: B speech, then B text, time zero-padded to
+# the longer of the two (padding does not change D's output)
+T = max(out.speech_high.shape[1], out.text_high.shape[1])
+z = torch.cat([F.pad(out.speech_high, (0, 0, 0, T - out.speech_high.shape[1])),
+               F.pad(out.text_high, (0, 0, 0, T - out.text_high.shape[1]))])        # (2B, T, D)
+lens = torch.cat([out.speech_lens, out.text_lens])
+y = torch.cat([torch.zeros(B), torch.ones(B)])
+w = batch.src_lens.float().repeat(2)                      # each sentence weighs its transcript length
+L_D = L.discriminator_loss(disc, z, lens, y, w)
+L_G = L.generator_loss(disc, z, lens, w)
+unit = rows_unit(2 * B) * float(w.mean())                 # what these rows weigh at equilibrium, over ln 2
 print(f"L_D = {L_D.item():.3f}, L_G = {L_G.item():.3f}; per row and unit weight: "
-      f"{L_D.item() / (2 * unit):.4f} and {L_G.item() / (2 * unit):.4f} (ln 2 = {math.log(2):.4f})")
+      f"{L_D.item() / unit:.4f} and {L_G.item() / unit:.4f} (ln 2 = {math.log(2):.4f})")
 
 
 def grad_norm(params) -> float:
@@ -488,7 +496,7 @@ print(f"Exercise 4.3 passed: L_D(D*) = {same:.4f} (same), {near[1]:.4f} / {near[
 # code does. Two variants from the same start:
 #
 # * **confusion** (S-Align's code): $1.5\,L_D + L_G$ with `losses.discriminator_loss` and
-#   `losses.generator_loss` (target $\tfrac12$);
+#   `losses.generator_loss` (target $\tfrac12$), each over the $2N$ stacked rows;
 # * **GRL** (DANN): $L_D$ on `losses.grad_reverse(z, 1.0)`, one loss for both players.
 #
 # ($a$ is left out: with Adam and a loss that alone trains a parameter group, a constant factor hardly
@@ -511,22 +519,22 @@ def play(variant: str, seed: int = 0) -> dict:
     G, D = RigidMap(), ToyDiscriminator()
     opt = torch.optim.Adam([*G.parameters(), *D.parameters()], lr=LR, betas=(0.5, 0.999))
     g = torch.Generator().manual_seed(seed + 1)
-    lens, w = torch.ones(N_TOY, dtype=torch.long), torch.ones(N_TOY)
-    y_s, y_t = torch.zeros(N_TOY), torch.ones(N_TOY)
-    unit = 2 * rows_unit(N_TOY)                             # two calls of N_TOY rows each, per row
+    lens, w = torch.ones(2 * N_TOY, dtype=torch.long), torch.ones(2 * N_TOY)
+    y = torch.cat([torch.zeros(N_TOY), torch.ones(N_TOY)])  # N speech rows, then N text rows
+    unit = rows_unit(2 * N_TOY)                             # divides the losses into per-row means
     hist = {"L_D": [], "L_G": [], "dist": [], "angle": []}
     for _ in range(STEPS):
         zs = G(sample(SPEECH, N_TOY, g))[:, None]           # (N, T=1, 2): one position per "sentence"
         zt = sample(TEXT, N_TOY, g)[:, None]
+        z = torch.cat([zs, zt])                             # the 2N rows D scores
         if variant == "confusion":
-            loss_d = L.discriminator_loss(D, zs, lens, y_s, w) + L.discriminator_loss(D, zt, lens, y_t, w)
-            loss_g = L.generator_loss(D, zs, lens, w) + L.generator_loss(D, zt, lens, w)
+            loss_d = L.discriminator_loss(D, z, lens, y, w)
+            loss_g = L.generator_loss(D, z, lens, w)
             loss = 1.5 * loss_d + loss_g
         else:
-            loss_d = (L.modality_bce(D(L.grad_reverse(zs, 1.0), lens), y_s, w)
-                      + L.modality_bce(D(L.grad_reverse(zt, 1.0), lens), y_t, w))
+            loss_d = L.modality_bce(D(L.grad_reverse(z, 1.0), lens), y, w)
             with torch.no_grad():                           # what L_G would read, for the plot only
-                loss_g = L.generator_loss(D, zs, lens, w) + L.generator_loss(D, zt, lens, w)
+                loss_g = L.generator_loss(D, z, lens, w)
             loss = loss_d
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -569,8 +577,8 @@ for v, r in runs.items():
 #   size, not a theorem: change `LR` or the clouds and watch the gap move.
 #
 # In the real model the same game runs on 256-dimensional mean-pooled encoder states, where the easiest
-# way to make D unsure can be to make *every* sentence alike; the README's measured `s-align` runs show
-# what that costs at the official weight $a = 4$ on this small budget.
+# way to make D unsure can be to make *every* sentence alike; the task losses are what stops that, and
+# the README's measured `s-align` runs show how the balance falls out on this small budget.
 
 # %%
 def draw_cloud(ax, zs, zt, D=None, title=""):
