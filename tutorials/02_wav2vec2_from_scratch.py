@@ -261,12 +261,13 @@ print("Exercise 2.2: correct; the fairseq-named checkpoint loads and matches Hug
 #   \sigma_c^2 = \frac{1}{T}\sum_{t=1}^{T} (x_{c,t} - \mu_c)^2, \qquad
 #   \hat{x}_{c,t} = \gamma_c\,\frac{x_{c,t} - \mu_c}{\sqrt{\sigma_c^2 + \epsilon}} + \beta_c.$$
 #
-# The padded frames come from zeros, and the first conv has no bias, so they are about 0. They pull
-# $\mu_c$ towards 0 and change $\sigma_c$, and every later layer inherits the shift. Hugging Face
-# documents this. Models with `feat_extract_norm == "group"` (such as wav2vec2-base) "have not been
-# trained using `attention_mask`", their inputs "should simply be padded with 0", and the mask is not
-# passed. fairseq behaves the same way. So in those implementations, an utterance's representation
-# depends on what it was batched with.
+# The first conv has no bias, so a frame that sees only padding is exactly 0 (the frames at the edge
+# see part of it). These frames pull $\mu_c$ towards 0 and change $\sigma_c$, and every later layer inherits
+# the shift. Hugging Face's `Wav2Vec2FeatureExtractor` documents this. Models with
+# `feat_extract_norm == "group"` (such as wav2vec2-base) "have **not** been trained using
+# `attention_mask`", so their inputs "should simply be padded with 0" and no mask is passed. fairseq
+# behaves the same way. So in those implementations, an utterance's representation depends on what it
+# was batched with.
 #
 # `model.py` takes the statistics over the **valid** frames $t \le T_b$ of each item $b$ only:
 #
