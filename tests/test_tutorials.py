@@ -185,8 +185,10 @@ assert square(3) == 9 and square(-2) == 4
 # %% [markdown]
 # ### Exercise 1.2: a top-level solution, two check cells
 # %%
+print("summing")
 ### BEGIN SOLUTION
 total = sum(range(5))
+print("the sum is", total, np.random.rand())
 ### END SOLUTION
 
 # %% tags=["check"]
@@ -225,7 +227,8 @@ def test_verify_runs_the_script(tmp_path):
     plain = run([path], timeout=120)
     r, _ = verify(path, tmp_path, timeout=120)
     assert plain.returncode == 0 and plain.stdout.strip()
-    assert r.stdout.startswith(plain.stdout), (plain.stdout, r.stdout)
+    assert "summing" in plain.stdout and "the sum is" in plain.stdout
+    assert r.stdout.startswith(plain.stdout) and r.stdout.count("summing") == 1, (plain.stdout, r.stdout)
 
 
 @pytest.mark.parametrize("change, problem", [

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import contextlib
+import io
 import json
 import random
 import re
@@ -279,20 +281,22 @@ def _student_run(cells: list, start: int, sols: list, check: int, stubs: dict, n
                  titles: dict) -> dict:
     """Replay cells start..check in a shallow copy of `ns` with the solution cells `sols` stubbed;
     report whether the check cell raised, and whether the stub's NotImplementedError was the cause.
-    The global RNG states are restored afterwards, so the real run is not disturbed."""
+    Its output is swallowed and the global RNG states are restored afterwards, so the real run prints
+    and draws what the plain script does."""
     rng, overlay, stub_raised, outcome = _RNG(), dict(ns), False, None
-    for j in range(start, check + 1):
-        if cells[j].kind != "code":
-            continue
-        stubbed = j in sols
-        name = f"<student version of {path.name}, cell at line {cells[j].first_line}>" if stubbed else str(path)
-        try:
-            exec(_compile(cells[j], name, stubs[j] if stubbed else None, _future_flags(overlay)), overlay)
-        except Exception as exc:  # noqa: BLE001 - recording what the student would see
-            if j == check:
-                outcome = exc
-            elif stubbed and isinstance(exc, NotImplementedError):
-                stub_raised = True
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        for j in range(start, check + 1):
+            if cells[j].kind != "code":
+                continue
+            stubbed = j in sols
+            name = f"<student version of {path.name}, cell at line {cells[j].first_line}>" if stubbed else str(path)
+            try:
+                exec(_compile(cells[j], name, stubs[j] if stubbed else None, _future_flags(overlay)), overlay)
+            except Exception as exc:  # noqa: BLE001 - recording what the student would see
+                if j == check:
+                    outcome = exc
+                elif stubbed and isinstance(exc, NotImplementedError):
+                    stub_raised = True
     rng.restore()
     return {"id": titles.get(check), "check_line": cells[check].first_line,
             "solution_lines": [cells[j].first_line for j in sols],
