@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tutorials"))
-import make_assignments as MA  # noqa: E402
+import make_assignments as MA
 
 TUTORIALS = MA.tutorials(ROOT / "tutorials")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -26,7 +26,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def run(args: list, timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "MPLBACKEND": "Agg"}
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def verify(path: Path, tmp_path: Path, timeout: float = 1200) -> tuple:
@@ -214,7 +214,8 @@ def toy(tmp_path: Path, text: str = TOY, name: str = "01_toy.py") -> Path:
 def test_verify_passes_a_good_tutorial(tmp_path):
     r, report = verify(toy(tmp_path), tmp_path, timeout=120)
     assert r.returncode == 0 and report["ok"], r.stdout + r.stderr
-    got = [(ex["id"], ex["stubbed_check_raised"], ex["caused_by_stub"], ex["check_passed"]) for ex in report["exercises"]]
+    got = [(ex["id"], ex["stubbed_check_raised"], ex["caused_by_stub"], ex["check_passed"])
+           for ex in report["exercises"]]
     assert got == [("ex_1_1", "NotImplementedError", True, True), ("ex_1_2", "NameError", True, True),
                    ("ex_1_2", "NameError", True, True)]
     assert report["figures"][-1]["path"].endswith("end.png")

@@ -40,7 +40,6 @@
 # under a minute on one CPU core.
 
 # %%
-import os
 import sys
 from pathlib import Path
 
@@ -206,7 +205,8 @@ print("pieces     :", [vocab.sp.id_to_piece(i) for i in src])
 print("translation:", train.segments[UTT].tgt)
 print("target ids :", tgt)
 print("pieces     :", [vocab.sp.id_to_piece(i) for i in tgt])
-print(f"tags: <lang:en> = {vocab.lang_id('en')}, <lang:de> = {vocab.lang_id('de')}; decode(tgt) = {vocab.decode(tgt)!r}")
+print(f"tags: <lang:en> = {vocab.lang_id('en')}, <lang:de> = {vocab.lang_id('de')}")
+print(f"decode(target ids) = {vocab.decode(tgt)!r}  (tags and </s> dropped)")
 
 # %% [markdown]
 # ### Exercise 1.2: the decoder's input (teacher forcing)
@@ -330,7 +330,8 @@ print("log-mel and wav2vec2 give the same frame count for every length from 400 
 #
 # ```
 # waveform (B, S) ─ wav2vec2 ─► (B, T, 768) ─ length adaptor ─► (B, T/4, 512) ─ ×√d + pos ─► speech low-level ─┐
-# tokens (B, L) ─ embedding E ×√d + pos ─────────────────────────────────────────────────► text low-level  ─┴─► shared encoder ─► decoder ─► E^T
+# tokens (B, L) ─ embedding E ─ ×√d + pos ───────────────────────────────────────────────────► text low-level ─┤
+#                                                  logits (through E^T) ◄─ decoder ◄─ shared encoder (pre-LN) ◄─┘
 # ```
 #
 # ### Exercise 1.4: frames after the length adaptor
@@ -392,7 +393,7 @@ shapes = [("waveform", tuple(audio[None].shape), "16 kHz samples"),
           ("low-level speech (×√d + pos)", tuple(low.shape), "input of the shared encoder"),
           ("shared encoder output", tuple(high.shape), "what the decoder attends to")]
 for name, shape, note in shapes:
-    print(f"{name:<30}{str(shape):<18}{note}")
+    print(f"{name:<30}{shape!s:<18}{note}")
 assert stages["w2v"].shape[1] == (len(audio) - R) // J + 1
 assert low.shape[1] == adaptor_lengths(torch.tensor([stages["w2v"].shape[1]])).item() == high.shape[1]
 

@@ -40,8 +40,6 @@
 
 # %%
 import argparse
-import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -186,9 +184,11 @@ with torch.no_grad():
 # |---|---|
 # | `feature_extractor.conv_layers.{i}.conv.weight` | `feature_extractor.conv_layers.{i}.0.weight` |
 # | `feature_extractor.conv_layers.0.layer_norm.{weight,bias}` | `feature_extractor.conv_layers.0.2.{weight,bias}` |
-# | `feature_projection.layer_norm.*` / `feature_projection.projection.*` | `layer_norm.*` / `post_extract_proj.*` |
+# | `feature_projection.layer_norm.*` | `layer_norm.*` |
+# | `feature_projection.projection.*` | `post_extract_proj.*` |
 # | `masked_spec_embed` | `mask_emb` |
-# | `encoder.pos_conv_embed.conv.{parametrizations.weight.original0, …original1, bias}` | `encoder.pos_conv.0.{weight_g, weight_v, bias}` |
+# | `encoder.pos_conv_embed.conv.parametrizations.weight.original{0,1}` | `encoder.pos_conv.0.weight_{g,v}` |
+# | `encoder.pos_conv_embed.conv.bias` | `encoder.pos_conv.0.bias` |
 # | `encoder.layer_norm.*` | `encoder.layer_norm.*` |
 # | `encoder.layers.{i}.attention.{q,k,v,out}_proj.*` | `encoder.layers.{i}.self_attn.{q,k,v,out}_proj.*` |
 # | `encoder.layers.{i}.layer_norm.*` | `encoder.layers.{i}.self_attn_layer_norm.*` |
@@ -385,7 +385,8 @@ batched = {"ours (lengths given)": record(ours, lambda: ours(audio, lens)),
            "Hugging Face, attention mask": record(hf, lambda: hf(audio, attention_mask=attention_mask))}
 rel = {}                                   # (run, item) -> relative difference per stage
 for item in (SHORT, 1):
-    alone = {"ours": record(ours, lambda: ours(waves[item][None])), "hf": record(hf, lambda: hf(waves[item][None]))}
+    one = waves[item][None]
+    alone = {"ours": record(ours, lambda: ours(one)), "hf": record(hf, lambda: hf(one))}   # noqa: B023 (run at once)
     for label, states in batched.items():
         ref = alone["ours" if label.startswith("ours") else "hf"]
         values = []

@@ -290,8 +290,9 @@ def _student_run(cells: list, start: int, sols: list, check: int, stubs: dict, n
                 continue
             stubbed = j in sols
             name = f"<student version of {path.name}, cell at line {cells[j].first_line}>" if stubbed else str(path)
+            code = _compile(cells[j], name, stubs[j] if stubbed else None, _future_flags(overlay))
             try:
-                exec(_compile(cells[j], name, stubs[j] if stubbed else None, _future_flags(overlay)), overlay)
+                exec(code, overlay)  # noqa: S102 - the student's version of the exercise
             except Exception as exc:  # noqa: BLE001 - recording what the student would see
                 if j == check:
                     outcome = exc
@@ -315,8 +316,7 @@ def verify(path: str | Path) -> dict:
     report = {"tutorial": path.name, "ok": False, "exercises": [], "figures": [], "problems": [], "seconds": None}
     try:
         plan = exercises(cells, path)
-        stubs = {i: stub_solutions(cells[i].source, f"{path}:{cells[i].first_line}")[0]
-                 for i, c in enumerate(cells) if c.solution}
+        stubs = {i: stub_solutions(c.source, f"{path}:{c.first_line}")[0] for i, c in enumerate(cells) if c.solution}
     except ValueError as err:
         report["problems"].append(str(err))
         return report
@@ -340,7 +340,7 @@ def verify(path: str | Path) -> dict:
             _record_figures(figures)
             n_figs = len(figures)
             try:
-                exec(_compile(cell, str(path), flags=_future_flags(ns)), ns)
+                exec(_compile(cell, str(path), flags=_future_flags(ns)), ns)  # noqa: S102 - running the tutorial
             except BaseException as exc:  # noqa: BLE001 - a failing cell ends the run, as it ends the script
                 if isinstance(exc, SystemExit) and exc.code in (None, 0):
                     break
