@@ -149,7 +149,8 @@ def test_generator_equilibrium_value_and_zero_gradient():
 def test_modality_bce_is_the_official_mean_over_rows_and_stack_rows_scores_both_modalities():
     """The official reduction: binary_cross_entropy_with_logits(logits, y, weight=w, reduction="mean"),
     a mean over the rows of w_i BCE_i; not a sum over rows, not divided by sum(w)."""
-    logits, y, w = torch.tensor([[1.5], [-0.3], [0.2], [2.0]]), torch.tensor([0.0, 1.0, 0.5, 0.3]), torch.tensor([3.0, 7.0, 1.0, 12.0])
+    logits, y = torch.tensor([[1.5], [-0.3], [0.2], [2.0]]), torch.tensor([0.0, 1.0, 0.5, 0.3])
+    w = torch.tensor([3.0, 7.0, 1.0, 12.0])
     by_hand = sum(wi * -(yi * math.log(torch.sigmoid(li).item()) + (1 - yi) * math.log(1 - torch.sigmoid(li).item()))
                   for li, yi, wi in zip(logits.flatten(), y.tolist(), w.tolist())) / 4
     assert abs(losses.modality_bce(logits, y, w).item() - by_hand) < 1e-5

@@ -215,7 +215,8 @@ def test_contrastive_views_every_combination(tiny_corpus):
 
 def test_recipes_set_the_papers_values():
     r = {name: train.parse_config([f"--recipe={name}"]) for name in train.RECIPES}
-    assert (r["st-only"].st_weight, r["st-only"].asr_weight, r["st-only"].mt_weight, r["st-only"].ctc_weight) == (1, 0, 0, 0)
+    st_only = r["st-only"]
+    assert (st_only.st_weight, st_only.asr_weight, st_only.mt_weight, st_only.ctc_weight) == (1, 0, 0, 0)
     assert (r["const"].ctr_weight, r["const"].ctr_tau) == (1.5, 0.02)
     assert (r["h-align"].halign_weight, r["h-align"].halign_tau, r["h-align"].adv_weight) == (0.45, 0.1, 0.0)
     assert (r["s-align"].adv_weight, r["s-align"].halign_weight) == (4.0, 0.0)
@@ -338,7 +339,8 @@ def test_s_align_per_token_ratio_is_the_official_codes(tiny_corpus, variant):
         logits = torch.cat([disc(speech, out.speech_lens), disc(text, batch.src_lens)]).squeeze(-1)
         return (w * F.binary_cross_entropy_with_logits(logits, target, reduction="none")).sum()
     if variant == "confusion":
-        c = _coefficient(g_term, _flat_grad(weighted_bce_sum(out.speech_high, text_high, torch.full((2 * B,), 0.5)), params))
+        half = torch.full((2 * B,), 0.5)
+        c = _coefficient(g_term, _flat_grad(weighted_bce_sum(out.speech_high, text_high, half), params))
         assert abs(c / k / (a / (1.4 * B)) - 1) < 1e-3, (c / k, a / (1.4 * B))
         # the discriminator's own gradient, from L_D alone: 1.5 a / (1.4 B) per token against the CE
         g_d = grad_of(cfg, d_params)
