@@ -11,8 +11,11 @@ Read top to bottom:
 
 Every loss returns a SUM (over tokens, or over sentences) as the official ConST code does; train.py
 divides the whole weighted sum by the number of ST target tokens (METHODS §1.4), so the papers'
-weights carry over unchanged. The views that need the model (span-masked audio, repeated words) are
-made in train.py from data.py's helpers; everything here is a function of tensors.
+weights carry over unchanged. S-Align's adversarial losses are the exception: a MEAN over the rows
+the discriminator scores, as the official S-Align code reduces them; train.py weighs them (and
+H-Align) against our cross-entropy as that code does (`adversarial_weights` has the derivation).
+The views that need the model (span-masked audio, repeated words) are made in train.py from
+data.py's helpers; everything here is a function of tensors.
 """
 from __future__ import annotations
 
@@ -125,35 +128,70 @@ class ModalityDiscriminator(nn.Module):
 
 
 def modality_bce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i * BCEWithLogits(logit_i, y_i): the official code weights each sentence by its
-    number of positions. logits (B, 1), target (B,) in [0, 1], weight (B,)."""
-    bce = F.binary_cross_entropy_with_logits(logits.float().squeeze(-1), target.float(), reduction="none")
-    return (weight.float() * bce).sum()
+    """mean_i w_i * BCEWithLogits(logit_i, y_i) over the rows scored, the official code's reduction
+    (`binary_cross_entropy_with_logits(..., weight=w, reduction="mean")`): a MEAN over rows of the
+    length-weighted BCE, neither a sum over rows nor divided by sum(w). logits (N, 1), target (N,)
+    in [0, 1], weight (N,) (each sentence's length)."""
+    return F.binary_cross_entropy_with_logits(logits.float().squeeze(-1), target.float(), weight=weight.float(),
+                                              reduction="mean")
+
+
+def stack_rows(*parts: tuple) -> tuple:
+    """The rows the discriminator scores as one batch, as the official code concatenates them: each
+    part is (z (N_k, T_k, D), lens (N_k,)); time is zero-padded to the longest part (padding never
+    changes D's output). -> (z (sum N_k, max T_k, D), lens (sum N_k,))."""
+    T = max(z.shape[1] for z, _ in parts)
+    z = torch.cat([F.pad(z, (0, 0, 0, T - z.shape[1])) for z, _ in parts])
+    return z, torch.cat([lens for _, lens in parts])
 
 
 def discriminator_loss(disc: ModalityDiscriminator, z: torch.Tensor, lens: torch.Tensor, target: torch.Tensor,
                        weight: torch.Tensor) -> torch.Tensor:
-    """L_D = sum_i w_i BCE(D(sg(z_i)), y_i) (METHODS §2.4): the features are detached, so this term
-    trains the discriminator only. y: speech 0, text 1, mixed r, noised text 1 - rho."""
+    """L_D = mean_i w_i BCE(D(sg(z_i)), y_i) over the 2B rows (B speech, B text; `stack_rows`), METHODS
+    §2.4: the features are detached, so this term trains the discriminator only. y: speech 0, text 1,
+    mixed r, noised text 1 - rho."""
     return modality_bce(disc(z.detach(), lens), target, weight)
 
 
 def generator_loss(disc: ModalityDiscriminator, z: torch.Tensor, lens: torch.Tensor, weight: torch.Tensor,
                    target: float = 0.5) -> torch.Tensor:
-    """L_G = sum_i w_i BCE(D_frozen(z_i), 0.5) (METHODS §2.4): the encoders are pushed to make D
-    maximally unsure for both modalities (a confusion target, not flipped labels). D runs with
-    detached copies of its weights, so this term trains the encoders only. At D's equilibrium
-    (logit 0) it equals sum(w) * ln 2 and its gradient is 0."""
+    """L_G = mean_i w_i BCE(D_frozen(z_i), 0.5) over the 2B rows (METHODS §2.4): the encoders are
+    pushed to make D maximally unsure for both modalities (a confusion target, not flipped labels).
+    D runs with detached copies of its weights, so this term trains the encoders only. At D's
+    equilibrium (logit 0) it equals mean(w) * ln 2 and its gradient is 0."""
     frozen = {name: p.detach() for name, p in disc.named_parameters()}
     logits = torch.func.functional_call(disc, frozen, (z, lens))
     return modality_bce(logits, torch.full_like(weight, target, dtype=torch.float32), weight)
 
 
+# The official S-Align code's weight on its ST cross-entropy (its ST loss is 0.7 CE + 0.3 CTC). Its
+# terms, written in its units (a, alpha * 0.3), enter train.objective divided by this: see below.
+SALIGN_ST_CE_WEIGHT = 0.7
+
+
 def adversarial_weights(step: int, total_steps: int, scale: float = 4.0, d_extra: float = 1.5,
                         decay_start: float = 0.5, decay_end: float = 0.9, gen_warmup: float = 0.02) -> tuple:
-    """(weight of L_D, weight of L_G) at `step`. The official schedule (METHODS §2.4), written as
-    fractions of its 50k updates: a = scale * min(1, (45k - step) / 20k), constant 4.0 up to 25k,
-    linear decay to 0 at 45k; L_D gets an extra x1.5; L_G is off for the first 1k updates."""
+    """(weight of L_D, weight of L_G) at `step` in the official code's units: (1.5 a, a). The official
+    schedule (METHODS §2.4), written as fractions of its 50k updates: a = scale * min(1, (45k - step) / 20k),
+    constant 4.0 up to 25k, linear decay to 0 at 45k; L_D gets an extra x1.5; L_G is off for the first
+    1k updates.
+
+    Their scale against our cross-entropy. One official training step (criterion
+    `label_smoothed_cross_entropy_with_w2v_ctc_shrink_joint_AT_merge`, task `joint_triple_pretraining_merge`)
+    backpropagates, term by term, 1.5 a L_D and a L_G, each the MEAN over the 2B rows D scores (B speech,
+    B text) of w_i BCE_i (`modality_bce`), and 0.7 CE_ST + 0.3 CTC + 0.5 CE_MT, SUMS over tokens; fairseq
+    then divides every gradient by one sample size. Per token, the generator term weighs a / (2B) against
+    the ST cross-entropy's 0.7 on sum_i w_i BCE_i: a ratio of a / (1.4 B). train.objective adds our CE_ST
+    with weight 1 and divides the whole sum by the ST target tokens; with L_G a mean over the 2B rows, the
+    weight a / 0.7 gives (a / 0.7) (1 / 2B) sum_i w_i BCE_i against 1 * CE_ST: the same ratio a / (1.4 B).
+    So the objective divides both weights by SALIGN_ST_CE_WEIGHT (1.5 a / 0.7 for L_D, which trains only
+    D). Summing over the rows with weight a instead is 1.4 B times stronger (20-35x at B = 15-25). The
+    common divisor (theirs: ST + MT tokens + 2B; ours: ST target tokens) scales every term alike.
+    fp16: the official run's fp16 optimiser multiplies the task losses by its loss scale in
+    `optimizer.backward`, but the adversarial terms are backpropagated with a plain `.backward()`, and
+    every gradient is divided by the loss scale afterwards; so there the adversarial gradients are
+    smaller by the loss scale (2^7 and more) once more. That is an artefact of mixed precision, which we
+    document and do not copy."""
     start, end = decay_start * total_steps, decay_end * total_steps
     a = scale * min(1.0, max(0.0, (end - step) / (end - start)))
     return d_extra * a, (a if step >= gen_warmup * total_steps else 0.0)
@@ -246,5 +284,10 @@ def hard_alignment_loss(speech_high: torch.Tensor, speech_lens: torch.Tensor, te
                         text_lens: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
     """H-Align as S-Align's code runs it (METHODS §2.6): ConST's N-pair loss (Eq. 4) on the masked
     means of the SHARED ENCODER's outputs, speech pass vs transcript pass, tau 0.1, speech->text,
-    summed over the batch. speech_high (B, T, D), text_high (B, L, D)."""
+    summed over the batch. speech_high (B, T, D), text_high (B, L, D).
+
+    Its scale: the code adds alpha * (N_src / B) * L_CL (N_src the batch's transcript tokens) to its CTC
+    loss, which enters the ST loss with weight 0.3 next to the cross-entropy's 0.7. train.objective
+    keeps that: (alpha * 0.3 = 0.45) * (N_src / B) * L_CL, divided by SALIGN_ST_CE_WEIGHT against our
+    unit-weight cross-entropy, the same conversion as the adversarial terms' (`adversarial_weights`)."""
     return contrastive_loss(masked_mean(speech_high, speech_lens), masked_mean(text_high, text_lens), tau)

@@ -127,13 +127,16 @@ TRAIN_PRESETS = {
 }
 # Named recipes switch the alignment terms on with the papers' values; the multitask backbone
 # (XSTNet: ST + ASR + MT + CTC) is the same for all, so their effects compare.
+#   st-only      ST alone: no ASR, MT or CTC (ConST Table 3's last row, "-ASR -MT -CTR")
 #   xstnet       no alignment term (ConST with lambda 0)
 #   const        contrastive, low level, lambda 1.5, tau 0.02 for En-De (ConST §4.1)
 #   h-align      contrastive on the shared encoder's outputs, tau 0.1, weight 1.5 x CTC's 0.3 (S-Align code)
 #   s-align      adversarial soft alignment, a = 4 (S-Align code)
-#   s+h          both (S-Align's "both" row)
+#   s+h          both (S-Align's "both" row); the S-Align code's weights are against its 0.7-weighted ST
+#                cross-entropy, so objective divides them by 0.7 (losses.adversarial_weights)
 #   sspc         SSPC, beta 1 (METHODS §3.6);  sspc+const: with ConST's contrastive term
 RECIPES = {
+    "st-only": {"asr_weight": 0.0, "mt_weight": 0.0, "ctc_weight": 0.0},
     "xstnet": {},
     "const": {"ctr_weight": 1.5, "ctr_tau": 0.02},
     "h-align": {"halign_weight": 0.45, "halign_tau": 0.1},
@@ -281,7 +284,9 @@ def s_align_terms(cfg: TrainConfig, raw: M.SpeechTranslator, disc: L.ModalityDis
     encoder output (target 0), or, in a mixed batch, a speech/text mix-up at ratio r (target r); and
     the transcript pass's output (target 1), or a blank-noised transcript (target 1 - rho). Each
     sentence weighs its transcript length (the official code weighs positions; our speech is not
-    CTC-shrunk, so its frame count would dwarf the text's). -> (L_D, L_G, logs)."""
+    CTC-shrunk, so its frame count would dwarf the text's). L_D and L_G are means over these 2B rows,
+    as the official code reduces them; `objective` weighs them (losses.adversarial_weights has the
+    derivation of the scale). -> (L_D, L_G, logs)."""
     B = len(batch)
     z_sp, y_sp = out.speech_high, torch.zeros(B, device=out.speech_high.device)
     mixup = cfg.adv_mixup if cfg.adv_mixup != "auto" else ("ctc" if cfg.ctc_weight > 0 else "length")
@@ -306,23 +311,24 @@ def s_align_terms(cfg: TrainConfig, raw: M.SpeechTranslator, disc: L.ModalityDis
     else:
         tx_lens, y_tx = batch.src_lens, torch.ones(B, device=z_sp.device)
         z_tx = out.text_high
-    w = batch.src_lens.float()
-    y_tx = y_tx.to(z_sp.device)
+    # the 2B rows that D scores, as the official code concatenates them: B speech (or mixed), B text
+    z, lens = L.stack_rows((z_sp, out.speech_lens), (z_tx, tx_lens))
+    y = torch.cat([y_sp, y_tx.to(z_sp.device)])
+    w = batch.src_lens.float().repeat(2)
     if cfg.adv_variant == "grl":
-        lam = L.grl_lambda(step / max(cfg.max_steps, 1))
-        logit_sp = disc(L.grad_reverse(z_sp, lam), out.speech_lens)
-        logit_tx = disc(L.grad_reverse(z_tx, lam), tx_lens)
-        loss_d = L.modality_bce(logit_sp, y_sp, w) + L.modality_bce(logit_tx, y_tx, w)
-        loss_g = torch.zeros((), device=z_sp.device)
+        logits = disc(L.grad_reverse(z, L.grl_lambda(step / max(cfg.max_steps, 1))), lens)
+        loss_d = L.modality_bce(logits, y, w)
+        loss_g = torch.zeros((), device=z.device)
     else:
-        loss_d = L.discriminator_loss(disc, z_sp, out.speech_lens, y_sp, w) + L.discriminator_loss(disc, z_tx, tx_lens, y_tx, w)
-        loss_g = L.generator_loss(disc, z_sp, out.speech_lens, w) + L.generator_loss(disc, z_tx, tx_lens, w)
+        loss_d = L.discriminator_loss(disc, z, lens, y, w)
+        loss_g = L.generator_loss(disc, z, lens, w)
         with torch.no_grad():
-            logit_sp, logit_tx = disc(z_sp, out.speech_lens), disc(z_tx, tx_lens)
+            logits = disc(z, lens)
     with torch.no_grad():   # accuracy of D on a 0.5 threshold of its targets
-        acc = ((logit_sp.squeeze(-1) > 0) == (y_sp > 0.5)).float().mean() + ((logit_tx.squeeze(-1) > 0) == (y_tx > 0.5)).float().mean()
-    logs = {"disc_bce": float(loss_d.detach()) / (2 * float(w.sum())), "gen_bce": float(loss_g.detach()) / (2 * float(w.sum())),
-            "disc_acc": float(acc) / 2, "mixed": mixed}
+        acc = ((logits.squeeze(-1) > 0) == (y > 0.5)).float().mean()
+    per_position = len(w) / float(w.sum())     # the losses are means of w_i BCE_i; log the BCE per position
+    logs = {"disc_bce": float(loss_d.detach()) * per_position, "gen_bce": float(loss_g.detach()) * per_position,
+            "disc_acc": float(acc), "mixed": mixed}
     return loss_d, loss_g, logs
 
 
@@ -349,17 +355,20 @@ def objective(cfg: TrainConfig, model: M.SpeechTranslator, batch: data.Batch, ta
     if speech and cfg.l2_weight > 0:
         v = M.masked_mean(raw.encode_text(batch.src, batch.src_lens)[0], batch.src_lens)
         terms["l2"] = L.l2_alignment_loss(M.masked_mean(out.speech_low, out.speech_lens), v)
-    if speech and cfg.halign_weight > 0:   # the code's alpha * (N_tok / N_sent) * L_CL: a per-sentence mean
+    if speech and cfg.halign_weight > 0:   # the code's alpha * (N_src / B) * L_CL, in its 0.3-weighted CTC branch
         terms["halign"] = L.hard_alignment_loss(out.speech_high, out.speech_lens, out.text_high, out.text_lens,
-                                                cfg.halign_tau) * n_tokens / B
+                                                cfg.halign_tau) * batch.src_lens.sum() / B
     adv_d = adv_g = 0.0
     if speech and cfg.adv_weight > 0:
         terms["adv_d"], terms["adv_g"], more = s_align_terms(cfg, raw, aux["disc"], batch, out, step, tables)
-        adv_d, adv_g = L.adversarial_weights(step, cfg.max_steps, cfg.adv_weight, cfg.adv_d_extra,
-                                             cfg.adv_decay_start, cfg.adv_decay_end, cfg.adv_gen_warmup)
-        a = adv_d / cfg.adv_d_extra
+        d_w, g_w = L.adversarial_weights(step, cfg.max_steps, cfg.adv_weight, cfg.adv_d_extra,
+                                         cfg.adv_decay_start, cfg.adv_decay_end, cfg.adv_gen_warmup)
+        a = d_w / cfg.adv_d_extra
         if cfg.adv_variant == "grl":       # one reversed loss, weight a
-            adv_d = a
+            d_w = a
+        # from the official code's units (a against its 0.7 CE) to ours (a unit-weight CE): the
+        # per-token ratio a / (1.4 B) of L_G to the ST cross-entropy (losses.adversarial_weights)
+        adv_d, adv_g = d_w / L.SALIGN_ST_CE_WEIGHT, g_w / L.SALIGN_ST_CE_WEIGHT
         logs.update(more, adv_a=a)
     if speech and cfg.sspc_weight > 0:     # input space: pooled low-level speech, sqrt(d) E[x] without positions
         e_in = {"s": M.masked_mean(out.speech_low, out.speech_lens),
@@ -369,7 +378,8 @@ def objective(cfg: TrainConfig, model: M.SpeechTranslator, batch: data.Batch, ta
         terms["sspc"] = sspc * B           # a per-sentence mean, summed over sentences like the rest
         logs.update(more)
     weights = {"st": cfg.st_weight, "asr": cfg.asr_weight, "mt": cfg.mt_weight, "ctc": cfg.ctc_weight,
-               "ctr": cfg.ctr_weight, "l2": cfg.l2_weight, "halign": cfg.halign_weight, "adv_d": adv_d, "adv_g": adv_g,
+               "ctr": cfg.ctr_weight, "l2": cfg.l2_weight, "halign": cfg.halign_weight / L.SALIGN_ST_CE_WEIGHT,
+               "adv_d": adv_d, "adv_g": adv_g,
                "sspc": cfg.sspc_weight}
     loss = (
         weights["st"] * terms.get("st", 0.0)
@@ -378,9 +388,9 @@ def objective(cfg: TrainConfig, model: M.SpeechTranslator, batch: data.Batch, ta
         + weights["ctc"] * terms.get("ctc", 0.0)
         + weights["ctr"] * terms.get("ctr", 0.0)          # ConST: lambda * L_CTR (summed over its views)
         + weights["l2"] * terms.get("l2", 0.0)            # ConST Table 5: L2 instead
-        + weights["halign"] * terms.get("halign", 0.0)    # S-Align's H-Align
-        + weights["adv_d"] * terms.get("adv_d", 0.0)      # S-Align: 1.5 a L_D (trains the discriminator only)
-        + weights["adv_g"] * terms.get("adv_g", 0.0)      # S-Align: a L_G (trains the encoders only)
+        + weights["halign"] * terms.get("halign", 0.0)    # S-Align's H-Align: 0.45 / 0.7 * (N_src / B) * L_CL
+        + weights["adv_d"] * terms.get("adv_d", 0.0)      # S-Align: 1.5 a / 0.7 * L_D (trains the discriminator only)
+        + weights["adv_g"] * terms.get("adv_g", 0.0)      # S-Align: a / 0.7 * L_G (trains the encoders only)
         + weights["sspc"] * terms.get("sspc", 0.0)        # SSPC: beta * L_SSPC
     ) / n_tokens
     return loss, {**{k: float(v.detach()) / n_tokens.item() for k, v in terms.items()}, **logs}

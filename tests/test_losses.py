@@ -137,13 +137,30 @@ def test_generator_equilibrium_value_and_zero_gradient():
     with torch.no_grad():
         disc.out_proj.weight.zero_()                               # D says logit 0 to everything
     loss = losses.generator_loss(disc, z, lens, w)
-    assert abs(loss.item() - w.sum().item() * math.log(2)) < 1e-5
+    assert abs(loss.item() - w.mean().item() * math.log(2)) < 1e-5             # mean over rows (METHODS §2.10.4)
     loss.backward()
     assert all(p.grad.abs().max() < 1e-7 for p in enc.parameters())
     # off equilibrium the target 0.5 pulls both ways: a logit of +-2 costs the same
     logits = torch.tensor([[2.0], [-2.0]])
     bce = losses.modality_bce(logits, torch.full((2,), 0.5), torch.ones(2))
-    assert abs(bce.item() - 2 * (math.log(1 + math.exp(2)) - 1.0)) < 1e-5
+    assert abs(bce.item() - (math.log(1 + math.exp(2)) - 1.0)) < 1e-5
+
+
+def test_modality_bce_is_the_official_mean_over_rows_and_stack_rows_scores_both_modalities():
+    """The official reduction: binary_cross_entropy_with_logits(logits, y, weight=w, reduction="mean"),
+    a mean over the rows of w_i BCE_i; not a sum over rows, not divided by sum(w)."""
+    logits, y = torch.tensor([[1.5], [-0.3], [0.2], [2.0]]), torch.tensor([0.0, 1.0, 0.5, 0.3])
+    w = torch.tensor([3.0, 7.0, 1.0, 12.0])
+    by_hand = sum(wi * -(yi * math.log(torch.sigmoid(li).item()) + (1 - yi) * math.log(1 - torch.sigmoid(li).item()))
+                  for li, yi, wi in zip(logits.flatten(), y.tolist(), w.tolist())) / 4
+    assert abs(losses.modality_bce(logits, y, w).item() - by_hand) < 1e-5
+    torch.manual_seed(0)
+    disc = losses.ModalityDiscriminator(8).eval()
+    speech, text = torch.randn(3, 11, 8), torch.randn(3, 5, 8)
+    speech_lens, text_lens = torch.tensor([11, 6, 9]), torch.tensor([5, 2, 4])
+    z, lens = losses.stack_rows((speech, speech_lens), (text, text_lens))
+    assert z.shape == (6, 11, 8) and lens.tolist() == [11, 6, 9, 5, 2, 4]
+    assert torch.allclose(disc(z, lens), torch.cat([disc(speech, speech_lens), disc(text, text_lens)]), atol=1e-6)
 
 
 def test_modality_discriminator_shape_padding_and_order_invariance():

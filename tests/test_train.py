@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
+import losses
 import model as M
 import train
 
@@ -184,6 +186,8 @@ def test_lambda_zero_is_xstnet_and_each_term_enters_with_its_weight(tiny_corpus)
     for key, over in (("ctr", dict(ctr_weight=1.5)), ("l2", dict(l2_weight=0.7)), ("halign", dict(halign_weight=0.45))):
         loss, terms = train.objective(train.dataclasses.replace(cfg, **over), model, batch, tasks)
         weight = next(iter(over.values()))
+        if key == "halign":      # the S-Align code's weight against its 0.7-weighted ST cross-entropy
+            weight /= losses.SALIGN_ST_CE_WEIGHT
         assert terms[key] > 0 and abs(loss.item() - base.item() - weight * terms[key]) < 1e-4 * (1 + loss.item()), key
 
 
@@ -217,13 +221,15 @@ def test_contrastive_views_every_combination(tiny_corpus):
 
 def test_recipes_set_the_papers_values():
     r = {name: train.parse_config([f"--recipe={name}"]) for name in train.RECIPES}
+    st_only = r["st-only"]
+    assert (st_only.st_weight, st_only.asr_weight, st_only.mt_weight, st_only.ctc_weight) == (1, 0, 0, 0)
     assert (r["const"].ctr_weight, r["const"].ctr_tau) == (1.5, 0.02)
     assert (r["h-align"].halign_weight, r["h-align"].halign_tau, r["h-align"].adv_weight) == (0.45, 0.1, 0.0)
     assert (r["s-align"].adv_weight, r["s-align"].halign_weight) == (4.0, 0.0)
     assert (r["s+h"].adv_weight, r["s+h"].halign_weight) == (4.0, 0.45)
     assert r["sspc"].sspc_weight == 1.0 and r["sspc+const"].ctr_weight == 1.5
-    assert all(r["xstnet"].__dict__[k] == 0 for k in ("ctr_weight", "l2_weight", "halign_weight", "adv_weight",
-                                                     "sspc_weight"))
+    assert all(r[name].__dict__[k] == 0 for name in ("xstnet", "st-only")
+               for k in ("ctr_weight", "l2_weight", "halign_weight", "adv_weight", "sspc_weight"))
     with pytest.raises(SystemExit, match="adv_variant"):
         train.parse_config(["--adv_variant=minimax"])
 
@@ -399,3 +405,80 @@ def test_evaluate_finds_a_moved_data_folder_with_data(tiny_corpus, tmp_path):
     with pytest.raises(data.UserError, match="does not exist: if the data folder moved, pass --data"):
         evaluate.main(args)
     assert evaluate.main(args + ["--data", str(moved)])["n"] == 2
+
+def test_st_only_recipe_trains_the_st_term_alone(tiny_corpus, tmp_path):
+    """ConST Table 3's last row: no ASR, MT, CTC or alignment term; the loss is the ST cross-entropy."""
+    cfg = train.dataclasses.replace(config(tiny_corpus, tmp_path, max_steps=2), **train.RECIPES["st-only"])
+    result = train.train(cfg)
+    assert all(set(h) == {"st"} for h in result["history"])
+    _, model, batch, _ = _model_and_batch(tiny_corpus)
+    loss, terms = train.objective(cfg, model, batch, ("st",))
+    st, _, _ = losses.label_smoothed_cross_entropy(model(batch, ("st",)).logits["st"], batch.tgt)
+    assert set(terms) == {"st"} and abs(loss.item() - st.item() / batch.tgt_lens.sum().item()) < 1e-5
+
+
+def _flat_grad(loss, params):
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+
+
+def _coefficient(g, ref):
+    """c with g = c * ref, checked: g must be collinear with ref."""
+    c = (g @ ref / (ref @ ref)).item()
+    assert (g - c * ref).norm() <= 1e-3 * g.norm(), "not collinear: a different function, not only a different weight"
+    return c
+
+
+@pytest.mark.parametrize("variant", ["confusion", "grl", "h-align"])
+def test_s_align_per_token_ratio_is_the_official_codes(tiny_corpus, variant):
+    """Per token, the official S-Align code weighs its adversarial terms' sum_i w_i BCE_i by a / (2B)
+    (a mean over the 2B rows D scores) against its ST cross-entropy's 0.7: a ratio a / (1.4 B); L_D
+    1.5 a / (1.4 B); H-Align's L_CL by 0.3 alpha N_src / B against 0.7 (losses.adversarial_weights).
+    The gradients of our objective must keep these ratios to the gradient of our ST cross-entropy;
+    a sum over rows (2B times too strong) or a division by sum(w) fails."""
+    a, step, max_steps = 4.0, 30, 100          # a constant until step 50; L_G on; the GRL's lambda > 0
+    over = dict(adv_weight=a, adv_variant="grl" if variant == "grl" else "confusion", adv_mixup="none",
+                adv_text_noise=False, adv_gen_warmup=0.0, max_steps=max_steps)
+    if variant == "h-align":
+        over = dict(halign_weight=0.45, halign_tau=0.1)
+    cfg, model, batch, vocab = _model_and_batch(tiny_corpus, **over)          # dropout 0: every pass is the same
+    aux = train.build_aligners(cfg, model.cfg.d_model)
+    tables, tasks, B = train.text_tables(vocab), ("st",), len(batch)
+    params, d_params = list(model.parameters()), list(aux.parameters())
+
+    def grad_of(c, wrt=params):
+        return _flat_grad(train.objective(c, model, batch, tasks, step, aux, tables)[0], wrt)
+    off = train.dataclasses.replace(cfg, adv_weight=0.0, halign_weight=0.0)
+    g_term = grad_of(cfg) - grad_of(off)                                       # the alignment term's gradient
+    g_st = grad_of(off) - grad_of(train.dataclasses.replace(off, st_weight=0.0))   # the ST cross-entropy's
+    # the same quantities written out: the ST cross-entropy summed over tokens, the rows D scores
+    out = model(batch, tasks)
+    ce_sum, _, _ = losses.label_smoothed_cross_entropy(out.logits["st"], out.targets["st"], cfg.label_smoothing)
+    text_high = model.encode(*model.encode_text(batch.src, batch.src_lens))
+    k = _coefficient(g_st, _flat_grad(ce_sum, params))                        # our CE enters with weight k = 1 / N
+    assert abs(k * batch.tgt_lens.sum().item() - 1) < 1e-4
+    if variant == "h-align":
+        cl = losses.hard_alignment_loss(out.speech_high, out.speech_lens, text_high, batch.src_lens, 0.1)
+        c = _coefficient(g_term, _flat_grad(cl, params))
+        official = (0.3 * 1.5 * batch.src_lens.sum().item() / B) / 0.7    # alpha * 0.3 * N_src / B against 0.7
+        assert abs(c / k / official - 1) < 1e-3, (c / k, official)
+        return
+    disc = aux["disc"]
+    y = torch.cat([torch.zeros(B), torch.ones(B)])
+    w = torch.cat([batch.src_lens, batch.src_lens]).float()
+
+    def weighted_bce_sum(speech, text, target):     # sum_i w_i BCE_i over the 2B rows
+        logits = torch.cat([disc(speech, out.speech_lens), disc(text, batch.src_lens)]).squeeze(-1)
+        return (w * F.binary_cross_entropy_with_logits(logits, target, reduction="none")).sum()
+    if variant == "confusion":
+        half = torch.full((2 * B,), 0.5)
+        c = _coefficient(g_term, _flat_grad(weighted_bce_sum(out.speech_high, text_high, half), params))
+        assert abs(c / k / (a / (1.4 * B)) - 1) < 1e-3, (c / k, a / (1.4 * B))
+        # the discriminator's own gradient, from L_D alone: 1.5 a / (1.4 B) per token against the CE
+        g_d = grad_of(cfg, d_params)
+        c_d = _coefficient(g_d, _flat_grad(weighted_bce_sum(out.speech_high.detach(), text_high.detach(), y), d_params))
+        assert abs(c_d / k / (1.5 * a / (1.4 * B)) - 1) < 1e-3, (c_d / k, 1.5 * a / (1.4 * B))
+    else:      # one reversed loss with weight a: the encoders get -lambda times its gradient
+        lam = losses.grl_lambda(step / max_steps)
+        c = _coefficient(g_term, _flat_grad(weighted_bce_sum(out.speech_high, text_high, y), params))
+        assert abs(c / k / (-lam * a / (1.4 * B)) - 1) < 1e-3, (c / k, -lam * a / (1.4 * B))
