@@ -406,6 +406,7 @@ def test_evaluate_finds_a_moved_data_folder_with_data(tiny_corpus, tmp_path):
         evaluate.main(args)
     assert evaluate.main(args + ["--data", str(moved)])["n"] == 2
 
+
 def test_st_only_recipe_trains_the_st_term_alone(tiny_corpus, tmp_path):
     """ConST Table 3's last row: no ASR, MT, CTC or alignment term; the loss is the ST cross-entropy."""
     cfg = train.dataclasses.replace(config(tiny_corpus, tmp_path, max_steps=2), **train.RECIPES["st-only"])
