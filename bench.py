@@ -10,6 +10,12 @@ weights on the same audio (base shapes).
 decode: beam search with the KV cache against the same search recomputing every prefix.
 sinkhorn: sinkhorn_knopp and multi_assignment_sinkhorn (and its direct K x N x K form) against
 POT's ot.sinkhorn on the same N x K cosine scores, the same number of iterations.
+attention: scaled_dot_product_attention forward+backward in bf16 at the tiny model's shapes, the
+math path (what model.py uses for bf16 training on a CPU) against the kernel torch picks by default.
+train_step: one optimiser step of the main job's tiny model (const, a typical 26-utterance batch):
+the levers of the main job (no FFN activation dropout, the SDPA math path, one stacked decoder pass
+for ST+ASR+MT, bf16 where the probe measures it faster) against the same step without each of them.
+precision: that step in fp32 and in bf16 autocast, and what train.py's bf16=auto probe picks here.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ import demo_corpus
 
 @dataclass
 class BenchConfig:
-    only: str = ""                  # run one benchmark: data | wav2vec2 | decode | sinkhorn
+    only: str = ""                  # run one: data | wav2vec2 | decode | sinkhorn | attention | train_step | precision
     data: str = ""                  # an en-XX folder; default: a fresh demo corpus
     segments: int = 2000            # size of that fresh demo corpus (train split)
     max_seconds: float = 60.0       # padded audio per batch, as the CPU demo trains
@@ -147,6 +153,84 @@ def bench_sinkhorn(cfg: BenchConfig, n: int = 4096, k: int = 256, iters: int = 2
     return rows
 
 
+def bench_attention(cfg: BenchConfig, reps: int = 20) -> list:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    rows = []
+    for name, (B, H, L, T) in {"encoder self-attention": (26, 4, 30, 30), "decoder cross-attention": (78, 4, 16, 30)}.items():
+        q, k, v = (torch.randn(B, H, n, 64, dtype=torch.bfloat16, requires_grad=True) for n in (L, T, T))
+        mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
+        mask[: B // 2, ..., T // 2:] = False
+
+        def step(backend):
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask).float().sum().backward()
+        t_math = _time(lambda: step([SDPBackend.MATH]), reps)
+        t_auto = _time(lambda: step([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]), reps)
+        rows += [(f"{name}: math path", t_math * 1e3, t_auto / t_math), (f"{name}: default kernel", t_auto * 1e3, 1.0)]
+    _table(f"attention, bf16 forward + backward, (B, 4 heads, L, T, 64), {torch.get_num_threads()} threads "
+           f"(higher ratio = faster)", rows, "ms")
+    return rows
+
+
+def _tiny_step(activation_dropout=0.0, math_attention=True, stacked=True, bf16=True, seed=0):
+    """A closure running one optimiser step of the main job's model and objective (const) on a fixed
+    synthetic batch shaped like the demo corpus's (26 utterances of 1.6-3 s, 8-20 pieces)."""
+    import train
+    import model as M
+    torch.manual_seed(seed)
+    cfg = train.TrainConfig(recipe="const", ctr_weight=1.5, ctr_tau=0.02, activation_dropout=activation_dropout)
+    m = M.SpeechTranslator(train.model_config(cfg, 1000)).train()
+    if not stacked:     # the peer: one decoder pass per task
+        m.decode_stacked = lambda jobs: {t: m.decode(*j) for t, j in jobs.items()}
+    opt = torch.optim.Adam(m.parameters(), 1e-4)
+    rng = np.random.default_rng(seed)
+    items = [{"id": str(i), "audio": rng.standard_normal(int(rng.uniform(1.6, 3.0) * data.SAMPLE_RATE)).astype(np.float32) * 0.1,
+              "src": [5, *rng.integers(6, 1000, int(rng.integers(8, 20))).tolist(), data.EOS_ID],
+              "tgt": [6, *rng.integers(6, 1000, int(rng.integers(8, 20))).tolist(), data.EOS_ID]} for i in range(26)]
+    batch = data.collate(items)
+
+    def step():
+        M.BF16_CPU_MATH_ATTENTION = math_attention
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss, _ = train.objective(cfg, m, batch, ("st", "asr", "mt"), 0, torch.nn.ModuleDict(), {})
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        finally:
+            M.BF16_CPU_MATH_ATTENTION = True
+    return step
+
+
+def bench_train_step(cfg: BenchConfig, reps: int = 8) -> list:
+    import train
+    bf16 = train.probe_bf16(torch.get_num_threads())[0]
+    t_all = _time(_tiny_step(bf16=bf16), reps)
+    rows = [("main job's step (all levers)", t_all, 1.0)]
+    for name, over in (("with FFN activation dropout 0.1", dict(activation_dropout=0.1)),
+                       ("with torch's default SDPA kernel", dict(math_attention=False)),
+                       ("with one decoder pass per task", dict(stacked=False)),
+                       ("all three of them (the previous step)", dict(activation_dropout=0.1, math_attention=False,
+                                                                       stacked=False))):
+        t = _time(_tiny_step(bf16=bf16, **over), reps)
+        rows.append((name, t, t / t_all))
+    _table(f"tiny training step (const, 26 utterances), bf16 {bf16}, {torch.get_num_threads()} threads "
+           f"(ratio = this row's time / the first row's)", rows, "s/step")
+    return rows
+
+
+def bench_precision(cfg: BenchConfig, reps: int = 8) -> list:
+    import train
+    t32, t16 = _time(_tiny_step(bf16=False), reps), _time(_tiny_step(bf16=True), reps)
+    choice, why = train.probe_bf16(torch.get_num_threads(), cache=None)
+    rows = [("fp32", t32, 1.0), ("bf16 autocast", t16, t32 / t16)]
+    _table(f"precision of the tiny training step, {torch.get_num_threads()} threads (ratio = fp32 time / this "
+           f"row's); bf16=auto picks bf16={choice} ({why})", rows, "s/step")
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for k, v in BenchConfig.__dataclass_fields__.items():
@@ -161,6 +245,12 @@ def main():
         bench_decode(cfg)
     if cfg.only in ("", "sinkhorn"):
         bench_sinkhorn(cfg)
+    if cfg.only in ("", "attention"):
+        bench_attention(cfg)
+    if cfg.only in ("", "train_step"):
+        bench_train_step(cfg)
+    if cfg.only in ("", "precision"):
+        bench_precision(cfg)
 
 
 if __name__ == "__main__":

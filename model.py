@@ -529,6 +529,11 @@ def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
     return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
 
 
+# torch 2.13's CPU flash kernel runs bf16 backward 2-6x slower than the math path at the tiny model's
+# shapes (bench.py --only attention), so bf16 training on a CPU takes the math path (same values).
+BF16_CPU_MATH_ATTENTION = True
+
+
 class MultiheadAttention(nn.Module):
     """Attention through scaled_dot_product_attention, with an optional KV cache.
 
@@ -559,9 +564,7 @@ class MultiheadAttention(nn.Module):
         mask = None if key_pad_mask is None else ~key_pad_mask[:, None, None, :]
         causal = causal and q.shape[2] > 1                              # one new query sees the whole past
         p = self.dropout if self.training else 0.0
-        if q.requires_grad and q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            # torch 2.13's CPU flash kernel runs bf16 backward 2-6x slower than the math path at the
-            # tiny model's shapes (bench.py --only attention); the math path gives the same values
+        if BF16_CPU_MATH_ATTENTION and q.requires_grad and q.device.type == "cpu" and q.dtype == torch.bfloat16:
             with sdpa_kernel(SDPBackend.MATH):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
         else:
@@ -719,25 +722,43 @@ class SpeechTranslator(nn.Module):
 
     def forward(self, batch, tasks=("st", "asr", "mt"), reencode_asr: bool = True) -> Outputs:
         """Run the tasks on one batch (data.Batch). ASR encodes the speech a second time, with
-        fresh dropout, as ConST does (METHODS §1.4); `reencode_asr=False` reuses the ST pass."""
-        out = Outputs()
+        fresh dropout, as ConST does (METHODS §1.4); `reencode_asr=False` reuses the ST pass.
+        The tasks' decoder passes run as one pass over their rows stacked (`decode_stacked`)."""
+        out, jobs = Outputs(), {}
         if "st" in tasks or "asr" in tasks:
             out.speech_low, out.speech_lens = self.encode_speech(batch.audio, batch.audio_lens)
             out.speech_high = self.encode(out.speech_low, out.speech_lens)
         if "st" in tasks:
-            out.logits["st"] = self.decode(shift_right(batch.tgt), out.speech_high, out.speech_lens)
-            out.targets["st"] = batch.tgt
+            jobs["st"] = (batch.tgt, out.speech_high, out.speech_lens)
         if "asr" in tasks:
             enc = out.speech_high
             if reencode_asr and "st" in tasks:
                 enc = self.encode(*self.encode_speech(batch.audio, batch.audio_lens))
-            out.logits["asr"] = self.decode(shift_right(batch.src), enc, out.speech_lens)
-            out.targets["asr"] = batch.src
+            jobs["asr"] = (batch.src, enc, out.speech_lens)
         if "mt" in tasks:
             out.text_low, out.text_lens = self.encode_text(batch.src, batch.src_lens)
             out.text_high = self.encode(out.text_low, out.text_lens)
-            out.logits["mt"] = self.decode(shift_right(batch.tgt), out.text_high, out.text_lens)
-            out.targets["mt"] = batch.tgt
+            jobs["mt"] = (batch.tgt, out.text_high, out.text_lens)
+        out.logits = self.decode_stacked({task: (shift_right(y), enc, lens) for task, (y, enc, lens) in jobs.items()})
+        out.targets = {task: y for task, (y, _, _) in jobs.items()}
+        return out
+
+    def decode_stacked(self, jobs: dict) -> dict:
+        """{task: (prev_tokens (B_i, L_i), enc (B_i, T_i, D), enc_lens (B_i,))} -> {task: logits (B_i, L_i, V)},
+        in ONE decoder pass over the rows of every task stacked: on a CPU, one pass over 3B rows costs
+        less than three over B (bench.py --only decoder_passes). Right-padding changes no valid
+        position: self-attention is causal and cross-attention masks the padded encoder states."""
+        if len(jobs) <= 1:
+            return {task: self.decode(*job) for task, job in jobs.items()}
+        L = max(prev.shape[1] for prev, _, _ in jobs.values())
+        T = max(enc.shape[1] for _, enc, _ in jobs.values())
+        prev = torch.cat([F.pad(p, (0, L - p.shape[1]), value=PAD_ID) for p, _, _ in jobs.values()])
+        enc = torch.cat([F.pad(e, (0, 0, 0, T - e.shape[1])) for _, e, _ in jobs.values()])
+        logits = self.decode(prev, enc, torch.cat([lens for _, _, lens in jobs.values()]))
+        out, start = {}, 0
+        for task, (p, _, _) in jobs.items():
+            out[task] = logits[start:start + p.shape[0], :p.shape[1]]
+            start += p.shape[0]
         return out
 
     # ------------------------------------------------------------------------------------------

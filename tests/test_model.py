@@ -382,3 +382,20 @@ def test_pretrained_wav2vec2_inside_the_translator_and_freezing(tmp_path):
     m.zero_grad()
     m(fake_batch(), ("st",)).logits["st"].float().pow(2).mean().backward()
     assert m.wav2vec2.encoder.layers[0].attention.q_proj.weight.grad is not None
+
+
+def test_stacked_decoder_pass_equals_one_pass_per_task():
+    """forward() decodes ST, ASR and MT rows in one pass; right-padding the shorter targets and
+    encoder states must leave every valid position's logits as a separate pass computes them."""
+    torch.manual_seed(0)
+    m = model.SpeechTranslator(model.model_config("tiny", vocab_size=100, frontend="logmel", dropout=0.0,
+                                                  attention_dropout=0.0, activation_dropout=0.0)).eval()
+    jobs = {"st": (torch.randint(4, 100, (3, 7)), torch.randn(3, 11, 256), torch.tensor([11, 5, 8])),
+            "asr": (torch.randint(4, 100, (3, 5)), torch.randn(3, 11, 256), torch.tensor([11, 5, 8])),
+            "mt": (torch.randint(4, 100, (2, 9)), torch.randn(2, 6, 256), torch.tensor([6, 3]))}
+    stacked = m.decode_stacked(jobs)
+    for task, job in jobs.items():
+        alone = m.decode(*job)
+        assert stacked[task].shape == alone.shape
+        torch.testing.assert_close(stacked[task], alone, atol=1e-5, rtol=1e-5)
+    assert m.decode_stacked({"st": jobs["st"]})["st"].shape == (3, 7, 100)
