@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -48,11 +49,10 @@ def mt_checkpoint(a, extra: list) -> Path:
     if a.init_from:
         return Path(a.init_from)
     path = Path(a.out) / "mt" / "last.pt"
-    if not path.exists():
-        job = train.MAIN_JOB
-        train.train(train.parse_config([*extra, "--stage=mt", f"--out_dir={path.parent}", f"--max_steps={a.mt_steps}",
-                                        f"--lr={job['mt_lr']}", f"--warmup={job['mt_warmup']}", "--seed=1",
-                                        "--eval_every=1000000000", "--final_eval=false"]))
+    if not path.exists():          # the main job's MT stage (its mt_steps, mt_lr, mt_warmup, batch_tokens)
+        cfg = train.parse_config([*extra, f"--out_dir={path.parent}", "--seed=1"])
+        train.train(dataclasses.replace(cfg, stage="mt", max_steps=a.mt_steps or cfg.mt_steps, lr=cfg.mt_lr,
+                                        warmup=cfg.mt_warmup, eval_every=0, final_eval=False))
     return path
 
 
@@ -149,7 +149,7 @@ def main(argv: list) -> dict:
     p.add_argument("--out", default="runs/study")
     p.add_argument("--results", default="results", help="where study.md and study.png go")
     p.add_argument("--init_from", default="", help="the MT-stage checkpoint; default: train it in OUT/mt")
-    p.add_argument("--mt_steps", type=int, default=train.MAIN_JOB["mt_steps"], help="of that MT stage")
+    p.add_argument("--mt_steps", type=int, default=0, help="of that MT stage (0: the main job's)")
     p.add_argument("--save_every", type=int, default=100, help="checkpoint (and dev BLEU) interval of each run")
     p.add_argument("--max_n", type=int, default=0, help="score only the first N test segments (0 = all)")
     a, extra = p.parse_known_args(argv)
