@@ -30,8 +30,8 @@ import train
 ARMS = {
     "st-only": ["--recipe=st-only"],
     "xstnet": ["--recipe=xstnet"],
-    "const": ["--recipe=const"],
-    "const+scut": ["--recipe=const", "--ctr_views=original+scut"],
+    "const": ["--recipe=const", "--ctr_views=original"],
+    "const+scut": ["--recipe=const"],            # the recipe's own views: Original+SCut
     "h-align": ["--recipe=h-align"],
     "s-align": ["--recipe=s-align"],
     "s+h": ["--recipe=s+h"],
