@@ -69,14 +69,14 @@ def _read_yaml(path: Path) -> list:
     import yaml
     loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     if not isinstance(loaded, list):
-        raise ValueError(f"{path}: expected a YAML list of segments (- {{duration, offset, speaker_id, wav}})")
+        raise BadInput(f"{path}: expected a YAML list of segments (- {{duration, offset, speaker_id, wav}})")
     return loaded
 
 
 def _read_lines(path: Path) -> list:
     """Text lines of a file; bytes that are not UTF-8 are an error naming file and line."""
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; a MuST-C split needs <split>.yaml, <split>.en and <split>.<tgt>")
+        raise Missing(f"{path} is missing; a MuST-C split needs <split>.yaml, <split>.en and <split>.<tgt>")
     raw = path.read_bytes().split(b"\n")
     if raw and raw[-1] == b"":
         raw.pop()
@@ -85,7 +85,7 @@ def _read_lines(path: Path) -> list:
         try:
             lines.append(b.decode("utf-8").rstrip("\r"))
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") from None
+            raise BadInput(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") from None
     return lines
 
 
@@ -131,7 +131,7 @@ class MustcSplit(torch.utils.data.Dataset):
         src, tgt = _read_lines(en_path), _read_lines(tgt_path)
         for path, lines in ((en_path, src), (tgt_path, tgt)):
             if len(lines) != len(entries):
-                raise ValueError(f"{yaml_path} has {len(entries)} segments but {path} has {len(lines)} lines; "
+                raise BadInput(f"{yaml_path} has {len(entries)} segments but {path} has {len(lines)} lines; "
                                  "they must pair one to one (re-extract the split)")
         if max_frames is None:
             max_frames = MAX_TRAIN_FRAMES if split == "train" else 10**12
@@ -142,13 +142,13 @@ class MustcSplit(torch.utils.data.Dataset):
             try:
                 wav, offset, duration = e["wav"], float(e["offset"]), float(e["duration"])
             except (KeyError, ValueError, TypeError) as err:
-                raise ValueError(f"{where}: needs numeric 'offset', 'duration' and a 'wav' name ({err!r})") from None
+                raise BadInput(f"{where}: needs numeric 'offset', 'duration' and a 'wav' name ({err!r})") from None
             if wav not in infos:
                 infos[wav] = self._wav_info(self.root / "data" / split / "wav" / wav, where)
             path, total = infos[wav]
             first, frames = round(offset * SAMPLE_RATE), round(duration * SAMPLE_RATE)
             if first + frames > total + 16:   # 1 ms of slack for rounding of the YAML's seconds
-                raise ValueError(f"{where}: segment ends at {offset + duration:.3f} s but {wav} has only "
+                raise BadInput(f"{where}: segment ends at {offset + duration:.3f} s but {wav} has only "
                                  f"{total / SAMPLE_RATE:.3f} s; the YAML does not belong to this wav")
             frames = min(frames, total - first)
             if not s.strip() or not t.strip():
@@ -173,11 +173,11 @@ class MustcSplit(torch.utils.data.Dataset):
     def _wav_info(self, path: Path, where: str) -> tuple:
         """(path to read at 16 kHz, length in samples); resamples once if the file is not 16 kHz."""
         if not path.exists():
-            raise FileNotFoundError(f"{where}: wav {path} is missing")
+            raise Missing(f"{where}: wav {path} is missing")
         try:
             info = sf.info(str(path))
         except Exception as err:  # soundfile raises its own error types for corrupt headers
-            raise ValueError(f"{where}: cannot read wav {path} ({err}); replace the file") from None
+            raise BadInput(f"{where}: cannot read wav {path} ({err}); replace the file") from None
         if info.channels > 1:
             self.notes.append(f"{path.name} has {info.channels} channels; mixing down to mono when reading")
         if info.samplerate != SAMPLE_RATE:
@@ -203,7 +203,7 @@ class MustcSplit(torch.utils.data.Dataset):
             f.seek(s.offset)
             x = f.read(s.frames, dtype="float32", always_2d=True)
         if len(x) != s.frames:
-            raise ValueError(f"{s.wav}: expected {s.frames} samples at {s.offset} for segment {s.id}, got "
+            raise BadInput(f"{s.wav}: expected {s.frames} samples at {s.offset} for segment {s.id}, got "
                              f"{len(x)}; the wav is truncated")
         return x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
 
@@ -260,7 +260,8 @@ def build_vocab(root: str | Path, size: int = 10_000, verbose: bool = True) -> V
     tgt = root.name.split("-")[-1]
     txt = root / "data" / "train" / "txt"
     lines = _read_lines(txt / "train.en") + _read_lines(txt / f"train.{tgt}")
-    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    # the trainer's pieces depend on its thread count: one thread, on every machine (0.2-0.4 s here)
+    digest = hashlib.sha256(("\n".join(lines) + "\n#spm unigram, 1 thread").encode()).hexdigest()
     model, meta = root / f"spm_unigram{size}.model", root / f"spm_unigram{size}.json"
     if model.exists() and meta.exists() and json.loads(meta.read_text()).get("sha256") == digest:
         return Vocab(model)
@@ -269,7 +270,7 @@ def build_vocab(root: str | Path, size: int = 10_000, verbose: bool = True) -> V
         sentence_iterator=iter([s for s in lines if s.strip()]), model_prefix=str(prefix), vocab_size=size,
         model_type="unigram", character_coverage=1.0, bos_id=BOS_ID, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID,
         user_defined_symbols=["<lang:en>", f"<lang:{tgt}>"], input_sentence_size=2_000_000,
-        shuffle_input_sentence=True, num_threads=len(os.sched_getaffinity(0)), minloglevel=2,
+        shuffle_input_sentence=True, num_threads=1, minloglevel=2,
         hard_vocab_limit=False)     # a soft limit: a small corpus gets the pieces it can support, with a note
     os.replace(f"{prefix}.model", model)
     os.remove(f"{prefix}.vocab")
@@ -379,7 +380,7 @@ class BucketBatchSampler:
 
     def load_state_dict(self, state: dict):
         if state["seed"] != self.seed:
-            raise ValueError(f"sampler state was saved with seed {state['seed']}, this run uses {self.seed}")
+            raise BadInput(f"sampler state was saved with seed {state['seed']}, this run uses {self.seed}")
         self.epoch, self.position = state["epoch"], state["position"]
 
 

@@ -479,7 +479,7 @@ def train(cfg: TrainConfig, bar=None) -> dict:
     root = Path(cfg.data)
     if not (root / "data" / "train").exists():
         if cfg.data != TrainConfig.data:
-            raise FileNotFoundError(f"{root}/data/train does not exist; point --data at an en-XX folder in MuST-C layout")
+            raise data.Missing(f"{root}/data/train does not exist; point --data at an en-XX folder in MuST-C layout")
         if main_proc:
             say(f"building the demo corpus in {root.parent} (once)")
             import demo_corpus   # a dataset generator: needed once, on the first run
@@ -513,7 +513,7 @@ def train(cfg: TrainConfig, bar=None) -> dict:
         init = M.load_checkpoint(cfg.init_from)
         missing, unexpected = model.load_state_dict(init["model"], strict=False)
         if unexpected or any(not k.startswith(("wav2vec2.", "logmel.", "subsample.")) for k in missing):
-            raise KeyError(f"{cfg.init_from}: weights do not fit this model (missing {missing[:3]}, "
+            raise data.BadInput(f"{cfg.init_from}: weights do not fit this model (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]})")
         say(f"initialised from {cfg.init_from} (step {init['step']}); new: {sorted({k.split('.')[0] for k in missing})}")
     aux = build_aligners(cfg, mcfg.d_model).to(device)

@@ -1,4 +1,5 @@
 """Tests of data.py: the MuST-C reader and its errors, vocabulary, batches, augmentations (the demo corpus: test_demo_corpus.py)."""
+import os
 import shutil
 import subprocess
 import sys
@@ -169,6 +170,21 @@ def test_vocabulary_layout_and_cache(broken):
     assert model.stat().st_mtime_ns != stamp                              # retrained: the data changed
     with pytest.raises(KeyError, match="lang:fr"):
         v.lang_id("fr")
+
+
+def test_vocabulary_does_not_depend_on_the_cpus(corpus, tmp_path):
+    """The main job must print the same numbers on any machine: SentencePiece's pieces change with its
+    thread count, so the vocabulary is trained with one thread whatever the process may use."""
+    pieces = []
+    for cpus in ({0}, set(range(os.cpu_count() or 1)) | {1}):
+        root = Path(shutil.copytree(corpus, tmp_path / f"cpus{len(cpus)}" / "en-de"))
+        code = (f"import os, data; os.sched_setaffinity(0, {sorted(cpus)} if {len(cpus)} == 1 else os.sched_getaffinity(0)); "
+                f"v = data.build_vocab({str(root)!r}, 300, verbose=False); "
+                f"print('|'.join(v.sp.id_to_piece(i) for i in range(len(v))))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             cwd=Path(data.__file__).parent).stdout
+        pieces.append(out)
+    assert pieces[0] == pieces[1] and len(pieces[0].split("|")) == 300
 
 
 # ---------------------------------------------------------------------------------------- batches
