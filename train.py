@@ -512,7 +512,9 @@ def train(cfg: TrainConfig, bar=None) -> dict:
     if cfg.init_from:
         init = M.load_checkpoint(cfg.init_from)
         missing, unexpected = model.load_state_dict(init["model"], strict=False)
-        if unexpected or any(not k.startswith(("wav2vec2.", "logmel.", "subsample.")) for k in missing):
+        front_end = ("wav2vec2.", "logmel.")      # the MT stage leaves either front end untrained: either may be swapped
+        if any(not k.startswith(front_end) for k in unexpected) or any(
+                not k.startswith((*front_end, "subsample.")) for k in missing):
             raise data.BadInput(f"{cfg.init_from}: weights do not fit this model (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]})")
         say(f"initialised from {cfg.init_from} (step {init['step']}); new: {sorted({k.split('.')[0] for k in missing})}")
