@@ -566,7 +566,7 @@ def train(cfg: TrainConfig, bar=None) -> dict:
 
     # -- the loop
     from tqdm import tqdm
-    log_file = open(out_dir / "log.jsonl", "a") if main_proc else None
+    log_file = open(out_dir / "log.jsonl", "a" if cfg.resume else "w") if main_proc else None
     t_start, t_log, utts, losses_sum, n_log = time.time(), time.time(), 0, {}, 0
     batches = iter(loader)
     history, notes, t_saved = [], [], time.time()
