@@ -29,8 +29,8 @@
 #    cross-modal **retrieval** (§6.2) before and after; the last figure shows the similarity matrices
 #    and a 2-D projection of the pooled states.
 #
-# The budget is a few minutes on one CPU core, so the model is the `tiny` preset and training lasts
-# a few hundred steps: enough for ConST's low-level effect, far too little for translation quality.
+# The budget is a few minutes on one CPU core, so the model is the `tiny` preset and each recipe trains
+# for 150 steps: enough for ConST's low-level effect, far too little for translation quality.
 # This tutorial makes no claim about BLEU.
 
 # %%
