@@ -237,20 +237,11 @@ def main():
         p.add_argument(f"--{k}", type=type(v.default), default=v.default)
     cfg = BenchConfig(**vars(p.parse_args()))
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    if cfg.only in ("", "data"):
-        bench_data(cfg)
-    if cfg.only in ("", "wav2vec2"):
-        bench_wav2vec2(cfg)
-    if cfg.only in ("", "decode"):
-        bench_decode(cfg)
-    if cfg.only in ("", "sinkhorn"):
-        bench_sinkhorn(cfg)
-    if cfg.only in ("", "attention"):
-        bench_attention(cfg)
-    if cfg.only in ("", "train_step"):
-        bench_train_step(cfg)
-    if cfg.only in ("", "precision"):
-        bench_precision(cfg)
+    benches = {"data": bench_data, "wav2vec2": bench_wav2vec2, "decode": bench_decode, "sinkhorn": bench_sinkhorn,
+               "attention": bench_attention, "train_step": bench_train_step, "precision": bench_precision}
+    for name, run in benches.items():
+        if cfg.only in ("", name):
+            run(cfg)
 
 
 if __name__ == "__main__":

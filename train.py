@@ -720,12 +720,9 @@ def main_job(cfg: TrainConfig) -> dict:
         mt_cfg = dataclasses.replace(cfg, stage="mt", out_dir=str(mt_dir), max_steps=cfg.mt_steps, lr=cfg.mt_lr,
                                      warmup=cfg.mt_warmup, eval_every=cfg.mt_steps, final_eval=False,
                                      resume=cfg.resume and (mt_dir / "last.pt").exists())
-        done = mt_cfg.resume and M.load_checkpoint(mt_dir / "last.pt")["step"] >= cfg.mt_steps
-        if done:
-            bar.update(cfg.mt_steps)
-        else:
-            if mt_cfg.resume:
-                bar.update(M.load_checkpoint(mt_dir / "last.pt")["step"])
+        mt_step = M.load_checkpoint(mt_dir / "last.pt")["step"] if mt_cfg.resume else 0   # read once
+        bar.update(min(mt_step, cfg.mt_steps))
+        if mt_step < cfg.mt_steps:
             notes += train(mt_cfg, bar)["notes"]
         init = str(mt_dir / "last.pt")
     st_cfg = dataclasses.replace(cfg, stage="multitask", init_from=init, eval_every=0,
