@@ -668,14 +668,17 @@ def train(cfg: TrainConfig, bar=None) -> dict:
                 best_bleu = dev
                 save_checkpoint(out_dir / "best.pt", checkpoint_state())
             save_checkpoint(out_dir / "last.pt", checkpoint_state())
-    for s, h in handlers.items():
-        signal.signal(s, h)
     if own_bar:
         bar.close()
     if main_proc:
         save_checkpoint(out_dir / "last.pt", checkpoint_state())
         if not (out_dir / "best.pt").exists():
             save_checkpoint(out_dir / "best.pt", checkpoint_state())
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    if stop:     # the signal came during the stage's last step: the stage is whole, the job still stops
+        raise Interrupted(f"{stop[0]} at step {step} of the {cfg.stage} stage (its last): saved {out_dir / 'last.pt'}; "
+                          f"continue with the same command and --resume")
     if ddp:
         torch.distributed.destroy_process_group()
     return {"step": step, "history": history, "skipped": skipped, "minutes": (time.time() - t_start) / 60,
@@ -744,5 +747,7 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except Interrupted as err:
         sys.exit(str(err))
+    except KeyboardInterrupt:             # a second Ctrl-C, or one outside a training loop
+        sys.exit("interrupted: each stage's last.pt holds its last save; continue with the same command and --resume")
     except data.UserError as err:         # a mistake in the input: one line; a bug keeps its traceback
         sys.exit(f"error: {err}")
