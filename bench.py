@@ -14,7 +14,8 @@ attention: scaled_dot_product_attention forward+backward in bf16 at the tiny mod
 math path (what model.py uses for bf16 training on a CPU) against the kernel torch picks by default.
 train_step: one optimiser step of the main job's tiny model (const, a typical 26-utterance batch):
 the levers of the main job (no FFN activation dropout, the SDPA math path, one stacked decoder pass
-for ST+ASR+MT, bf16 where the probe measures it faster) against the same step without each of them.
+for ST+ASR+MT, dropout masks from torch.rand instead of bernoulli_, bf16 where the probe measures it
+faster) against the same step without each of them.
 precision: that step in fp32 and in bf16 autocast, and what train.py's bf16=auto probe picks here.
 """
 from __future__ import annotations
@@ -82,6 +83,20 @@ def _time(fn, reps: int) -> float:
     for _ in range(reps):
         fn()
     return (time.perf_counter() - t0) / reps
+
+
+def _time_interleaved(fns: list, reps: int) -> list:
+    """Median seconds per call of each fn, calling them in turn (A B C A B C ...) so that a machine
+    whose speed drifts (another job, a neighbour on the host) slows every peer alike."""
+    for fn in fns:
+        fn()                                    # warm-up
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [float(np.median(ts)) for ts in times]
 
 
 def _table(title: str, rows: list, unit: str):
@@ -174,7 +189,7 @@ def bench_attention(cfg: BenchConfig, reps: int = 20) -> list:
     return rows
 
 
-def _tiny_step(activation_dropout=0.0, math_attention=True, stacked=True, bf16=True, seed=0):
+def _tiny_step(activation_dropout=0.0, math_attention=True, stacked=True, bf16=True, rand_dropout=True, seed=0):
     """A closure running one optimiser step of the main job's model and objective (const) on a fixed
     synthetic batch shaped like the demo corpus's (26 utterances of 1.6-3 s, 8-20 pieces)."""
     import train
@@ -192,7 +207,7 @@ def _tiny_step(activation_dropout=0.0, math_attention=True, stacked=True, bf16=T
     batch = data.collate(items)
 
     def step():
-        M.BF16_CPU_MATH_ATTENTION = math_attention
+        M.BF16_CPU_MATH_ATTENTION, M.CPU_RAND_DROPOUT = math_attention, rand_dropout
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss, _ = train.objective(cfg, m, batch, ("st", "asr", "mt"), 0, torch.nn.ModuleDict(), {})
@@ -200,22 +215,22 @@ def _tiny_step(activation_dropout=0.0, math_attention=True, stacked=True, bf16=T
             loss.backward()
             opt.step()
         finally:
-            M.BF16_CPU_MATH_ATTENTION = True
+            M.BF16_CPU_MATH_ATTENTION = M.CPU_RAND_DROPOUT = True
     return step
 
 
-def bench_train_step(cfg: BenchConfig, reps: int = 8) -> list:
+def bench_train_step(cfg: BenchConfig, reps: int = 10) -> list:
     import train
     bf16 = train.probe_bf16(torch.get_num_threads())[0]
-    t_all = _time(_tiny_step(bf16=bf16), reps)
-    rows = [("main job's step (all levers)", t_all, 1.0)]
-    for name, over in (("with FFN activation dropout 0.1", dict(activation_dropout=0.1)),
-                       ("with torch's default SDPA kernel", dict(math_attention=False)),
-                       ("with one decoder pass per task", dict(stacked=False)),
-                       ("all three of them (the previous step)", dict(activation_dropout=0.1, math_attention=False,
-                                                                       stacked=False))):
-        t = _time(_tiny_step(bf16=bf16, **over), reps)
-        rows.append((name, t, t / t_all))
+    variants = {"main job's step (all levers)": {},
+                "with FFN activation dropout 0.1": dict(activation_dropout=0.1),
+                "with one decoder pass per task": dict(stacked=False),
+                "with torch's dropout (bernoulli_), math path": dict(rand_dropout=False),
+                "with torch's dropout and SDPA kernel": dict(rand_dropout=False, math_attention=False),
+                "all four (the first main job's step)": dict(activation_dropout=0.1, math_attention=False,
+                                                             stacked=False, rand_dropout=False)}
+    times = _time_interleaved([_tiny_step(bf16=bf16, **over) for over in variants.values()], reps)
+    rows = [(name, t, t / times[0]) for name, t in zip(variants, times)]
     _table(f"tiny training step (const, 26 utterances), bf16 {bf16}, {torch.get_num_threads()} threads "
            f"(ratio = this row's time / the first row's)", rows, "s/step")
     return rows

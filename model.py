@@ -115,6 +115,51 @@ def model_config(preset: str, **overrides) -> ModelConfig:
     return cfg
 
 
+# Dropout with its mask drawn by torch.rand on a CPU: there torch's bernoulli_ (behind nn.Dropout and
+# SDPA's dropout_p) costs 3x as much per element and was 9 % of a tiny training step (bench.py --only
+# dropout). Same distribution (keep with probability 1 - p, scale by 1 / (1 - p)); other random numbers.
+CPU_RAND_DROPOUT = True        # bench.py flips it to time torch's own dropout
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or not CPU_RAND_DROPOUT:
+        return F.dropout(x, p, True)
+    keep = torch.rand(x.shape, device=x.device) >= p
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (same attribute p, no parameters) through dropout() above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def attention(q, k, v, mask=None, causal: bool = False, p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v with dropout p on the weights; q (B, H, L, d), k, v (B, H, T, d),
+    mask (B, 1, 1, T) True where a key may be attended. Training on a CPU (p > 0) spells the math path out
+    so that its dropout is the cheap one above; otherwise scaled_dot_product_attention."""
+    if p == 0.0 or q.device.type != "cpu" or not CPU_RAND_DROPOUT:
+        if BF16_CPU_MATH_ATTENTION and q.requires_grad and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            with sdpa_kernel(SDPBackend.MATH):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if causal:
+        L, T = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(L, T, dtype=torch.bool, device=q.device).triu(T - L + 1), float("-inf"))
+    return dropout(scores.softmax(-1), p, True) @ v
+
+
+# torch 2.13's CPU flash kernel runs bf16 backward 2-6x slower than the math path at the tiny model's
+# shapes (bench.py --only attention), so bf16 training on a CPU takes the math path (same values).
+BF16_CPU_MATH_ATTENTION = True
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. wav2vec2 (Baevski et al. 2020), base layout: 7 convs -> projection -> conv positions -> post-LN Transformer
 # ----------------------------------------------------------------------------------------------
@@ -179,7 +224,7 @@ class Wav2Vec2FeatureProjection(nn.Module):
         super().__init__()
         self.layer_norm = nn.LayerNorm(cfg.conv_dim[-1], eps=cfg.layer_norm_eps)
         self.projection = nn.Linear(cfg.conv_dim[-1], cfg.hidden_size)
-        self.dropout = nn.Dropout(cfg.feat_proj_dropout)
+        self.dropout = Dropout(cfg.feat_proj_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.projection(self.layer_norm(x)))
@@ -214,18 +259,17 @@ class Wav2Vec2Attention(nn.Module):
         q, k, v = (p(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))        # (B, H, T, D/H)
         attn_mask = None if pad_mask is None else ~pad_mask[:, None, None, :]  # True = may attend
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, attn_mask, p=self.dropout if self.training else 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
 class Wav2Vec2FeedForward(nn.Module):
     def __init__(self, cfg: Wav2Vec2Config):
         super().__init__()
-        self.intermediate_dropout = nn.Dropout(cfg.activation_dropout)
+        self.intermediate_dropout = Dropout(cfg.activation_dropout)
         self.intermediate_dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.output_dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.output_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.output_dropout = Dropout(cfg.hidden_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output_dropout(self.output_dense(self.intermediate_dropout(F.gelu(self.intermediate_dense(x)))))
@@ -237,7 +281,7 @@ class Wav2Vec2EncoderLayer(nn.Module):
     def __init__(self, cfg: Wav2Vec2Config):
         super().__init__()
         self.attention = Wav2Vec2Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.attention_dropout)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
         self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.feed_forward = Wav2Vec2FeedForward(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -253,7 +297,7 @@ class Wav2Vec2Encoder(nn.Module):
         self.cfg = cfg
         self.pos_conv_embed = Wav2Vec2PositionalConvEmbedding(cfg)
         self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
         self.layers = nn.ModuleList(Wav2Vec2EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
@@ -529,11 +573,6 @@ def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
     return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
 
 
-# torch 2.13's CPU flash kernel runs bf16 backward 2-6x slower than the math path at the tiny model's
-# shapes (bench.py --only attention), so bf16 training on a CPU takes the math path (same values).
-BF16_CPU_MATH_ATTENTION = True
-
-
 class MultiheadAttention(nn.Module):
     """Attention through scaled_dot_product_attention, with an optional KV cache.
 
@@ -563,12 +602,7 @@ class MultiheadAttention(nn.Module):
                 cache["k"], cache["v"] = k, v
         mask = None if key_pad_mask is None else ~key_pad_mask[:, None, None, :]
         causal = causal and q.shape[2] > 1                              # one new query sees the whole past
-        p = self.dropout if self.training else 0.0
-        if BF16_CPU_MATH_ATTENTION and q.requires_grad and q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            with sdpa_kernel(SDPBackend.MATH):
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
+        y = attention(q, k, v, mask, causal, self.dropout if self.training else 0.0)
         B, H, L, Dh = y.shape
         return self.out_proj(y.transpose(1, 2).reshape(B, L, H * Dh))
 
@@ -577,7 +611,7 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(cfg.d_model, cfg.ffn_dim), nn.Linear(cfg.ffn_dim, cfg.d_model)
-        self.activation_dropout = nn.Dropout(cfg.activation_dropout)
+        self.activation_dropout = Dropout(cfg.activation_dropout)
 
     def forward(self, x):
         return self.fc2(self.activation_dropout(F.relu(self.fc1(x))))
@@ -590,7 +624,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiheadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
         self.self_attn_layer_norm, self.final_layer_norm = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.ffn, self.dropout = FeedForward(cfg), nn.Dropout(cfg.dropout)
+        self.ffn, self.dropout = FeedForward(cfg), Dropout(cfg.dropout)
 
     def forward(self, x, pad_mask):
         x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), key_pad_mask=pad_mask))
@@ -607,7 +641,7 @@ class DecoderLayer(nn.Module):
         self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
         self.encoder_attn_layer_norm = nn.LayerNorm(cfg.d_model)
         self.final_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.ffn, self.dropout = FeedForward(cfg), nn.Dropout(cfg.dropout)
+        self.ffn, self.dropout = FeedForward(cfg), Dropout(cfg.dropout)
 
     def forward(self, x, enc, enc_pad_mask, cache: dict | None = None):
         self_cache = cross_cache = None
@@ -661,7 +695,7 @@ class SpeechTranslator(nn.Module):
             self.embed_tokens.weight[PAD_ID].zero_()
         self.register_buffer("positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
         self.embed_scale = math.sqrt(cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.encoder_layer_norm = nn.LayerNorm(cfg.d_model)
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))

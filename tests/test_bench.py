@@ -12,7 +12,7 @@ def test_attention_train_step_and_precision_rows_run(capsys):
     cfg = bench.BenchConfig()
     assert _finite(bench.bench_attention(cfg, reps=1))
     rows = bench.bench_train_step(cfg, reps=1)
-    assert _finite(rows) and len(rows) == 5 and rows[0][2] == 1.0
+    assert _finite(rows) and len(rows) == 6 and rows[0][2] == 1.0
     assert _finite(bench.bench_precision(cfg, reps=1))
     out = capsys.readouterr().out
     assert "tiny training step" in out and "bf16=auto picks" in out
@@ -37,3 +37,18 @@ def test_the_peer_step_really_differs():
         assert (per_task, calls["n"]) == (3, 1)
     finally:
         M.SpeechTranslator.decode = real
+
+
+def test_the_bernoulli_peer_really_uses_torchs_dropout(monkeypatch):
+    """The "torch's dropout" peer goes through F.dropout (bernoulli_); the main job's step never does."""
+    import torch.nn.functional as F
+    real, calls = F.dropout, {"n": 0}
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(F, "dropout", counting)
+    bench._tiny_step(bf16=False)()
+    assert calls["n"] == 0
+    bench._tiny_step(bf16=False, rand_dropout=False)()
+    assert calls["n"] > 0

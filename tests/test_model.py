@@ -380,6 +380,7 @@ def test_pretrained_wav2vec2_inside_the_translator_and_freezing(tmp_path):
     assert m.subsample.conv_layers[0].weight.grad is not None
     m.freeze_wav2vec2(False)
     m.zero_grad()
+    m.wav2vec2.encoder.cfg.layerdrop = 0.0      # a dropped layer 0 would have no gradient for a reason other than freezing
     m(fake_batch(), ("st",)).logits["st"].float().pow(2).mean().backward()
     assert m.wav2vec2.encoder.layers[0].attention.q_proj.weight.grad is not None
 
@@ -399,3 +400,29 @@ def test_stacked_decoder_pass_equals_one_pass_per_task():
         assert stacked[task].shape == alone.shape
         torch.testing.assert_close(stacked[task], alone, atol=1e-5, rtol=1e-5)
     assert m.decode_stacked({"st": jobs["st"]})["st"].shape == (3, 7, 100)
+
+
+def test_cpu_dropout_keeps_one_minus_p_rescaled_and_its_gradient_follows_the_mask():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.ones(1000, 1000, dtype=dtype, requires_grad=True)
+        y = model.dropout(x, 0.1, True)
+        kept = y != 0
+        assert abs(kept.float().mean().item() - 0.9) < 0.003
+        assert torch.allclose(y[kept].float(), torch.full((int(kept.sum()),), 1 / 0.9), rtol=1e-2)
+        y.float().sum().backward()
+        assert torch.equal(x.grad != 0, kept)
+    assert model.dropout(x, 0.1, False) is x and model.dropout(x, 0.0, True) is x
+
+
+def test_attention_spelled_out_for_cpu_dropout_equals_sdpa():
+    """With p > 0 on a CPU, attention() computes softmax(q k^T / sqrt(d) + mask) v itself (to use the
+    cheap dropout); with a vanishing p it must equal scaled_dot_product_attention, masks and causality."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 5, 8), torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8)
+    mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    mask[0, ..., 4:] = False
+    for causal, (qq, kk, vv) in ((False, (q, k, v)), (True, (k, k, v))):
+        ref = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=causal)
+        ours = model.attention(qq, kk, vv, mask, causal, p=1e-12)
+        assert torch.allclose(ours, ref, atol=1e-5)
