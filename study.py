@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import dataclasses
 import sys
@@ -97,6 +98,36 @@ def collect(out: Path, arms: list, seeds: list) -> dict:
     return table
 
 
+def diagnostics(out: Path, arms: list, seeds: list) -> dict:
+    """What the claims C4 and C5 need, from each finished run's log.jsonl (one row per 25 steps):
+    S-Align's game while a is at full strength and after it has decayed to 0 (the discriminator's BCE
+    and accuracy, the generator's BCE; ln 2 = chance), and SSPC's anchor-usage entropy once its
+    queues are full. {arm: {quantity: [value per seed]}}."""
+    found = {}
+    for arm in arms:
+        for seed in seeds:
+            log = out / arm / f"seed{seed}" / "log.jsonl"
+            if not (out / arm / f"seed{seed}" / EVAL).exists() or not log.exists():
+                continue
+            rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            rows = [r for r in rows if "lr" in r]
+            values = {}
+            game = [r for r in rows if "disc_bce" in r and "adv_a" in r]
+            if game:
+                top = max(r["adv_a"] for r in game)
+                for phase, keep in (("a full", lambda r: r["adv_a"] >= 0.999 * top), ("a = 0", lambda r: r["adv_a"] == 0)):
+                    sel = [r for r in game if keep(r)]
+                    for key, name in (("disc_bce", "D BCE"), ("disc_acc", "D accuracy"), ("gen_bce", "G BCE")):
+                        if sel:
+                            values[f"{name}, {phase}"] = statistics.mean(r[key] for r in sel)
+            anchors = [r["anchor_entropy"] for r in rows if r.get("sspc_on") == 1.0 and "anchor_entropy" in r]
+            if anchors:
+                values["anchor entropy"] = statistics.mean(anchors)
+            for k, v in values.items():
+                found.setdefault(arm, {}).setdefault(k, []).append(v)
+    return found
+
+
 def mean_std(xs: list) -> tuple:
     """Mean and sample standard deviation (n - 1; 0 for one run)."""
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
@@ -115,6 +146,14 @@ def write_table(table: dict, out: Path, results: Path, steps: int, seeds: list) 
         lines += ["", f"Wall time of the {len(times)} runs' last invocations: {minutes:.1f} min "
                       f"(training {sum(t['train_minutes'] for t in times):.1f}, evaluation "
                       f"{sum(t['eval_minutes'] for t in times):.1f})."]
+    diag = diagnostics(out, list(table), seeds)
+    if diag:
+        lines += ["", "Diagnostics from the runs' logs (mean over logged steps, then mean ± std over seeds; ln 2 = "
+                      f"{math.log(2):.3f} is chance for D's BCE and the equilibrium of G's; anchor entropy is at most "
+                      "ln K of the K anchors):", ""]
+        for arm, cols in diag.items():
+            lines.append(f"- `{arm}`: " + "; ".join(f"{k} {m:.3f} ± {s:.3f}" for k, (m, s) in
+                                                    ((k, mean_std(v)) for k, v in cols.items())))
     path = results / "study.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -3,6 +3,8 @@ an interrupted run resumes."""
 import json
 import statistics
 
+import pytest
+
 import evaluate
 import study
 import train
@@ -50,3 +52,27 @@ def test_study_table_resume_and_skip(tiny_corpus, tmp_path, monkeypatch):
     study.main(argv)
     assert len(calls) == 2 and calls[0].resume and calls[0].seed == 2 and calls[0].adv_weight == 4.0
     assert (runs["s-align", 2] / "eval_tst-COMMON.json").exists()
+
+
+def test_diagnostics_read_the_game_and_the_anchors_from_the_logs(tmp_path):
+    """C4 and C5 of the README's claims come from these numbers: the phases of S-Align's game split
+    on a (full strength vs decayed to 0), SSPC's anchor entropy only once its queues are full."""
+    run = tmp_path / "s-align" / "seed1"
+    run.mkdir(parents=True)
+    (run / study.EVAL).write_text("{}")
+    rows = [{"step": 25, "lr": 1, "disc_bce": 0.6, "disc_acc": 0.7, "gen_bce": 0.8, "adv_a": 4.0},
+            {"step": 50, "lr": 1, "disc_bce": 0.5, "disc_acc": 0.9, "gen_bce": 0.9, "adv_a": 4.0},
+            {"step": 75, "lr": 1, "disc_bce": 0.69, "disc_acc": 0.5, "gen_bce": 0.7, "adv_a": 2.0},
+            {"step": 100, "lr": 1, "disc_bce": 0.3, "disc_acc": 0.95, "gen_bce": 1.5, "adv_a": 0.0},
+            {"step": 100, "dev_st_bleu": 3.0}]
+    (run / "log.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    sspc = tmp_path / "sspc" / "seed1"
+    sspc.mkdir(parents=True)
+    (sspc / study.EVAL).write_text("{}")
+    (sspc / "log.jsonl").write_text("\n".join(json.dumps({"step": s, "lr": 1, "anchor_entropy": e, "sspc_on": on})
+                                              for s, e, on in ((25, 1.0, 0.0), (50, 4.0, 1.0), (75, 4.1, 1.0))))
+    d = study.diagnostics(tmp_path, ["s-align", "sspc", "xstnet"], [1, 2])
+    assert set(d) == {"s-align", "sspc"}
+    assert d["s-align"]["D BCE, a full"] == [pytest.approx(0.55)] and d["s-align"]["G BCE, a full"] == [pytest.approx(0.85)]
+    assert d["s-align"]["D accuracy, a = 0"] == [pytest.approx(0.95)] and d["s-align"]["D BCE, a = 0"] == [pytest.approx(0.3)]
+    assert d["sspc"]["anchor entropy"] == [pytest.approx(4.05)]
