@@ -189,7 +189,8 @@ def bench_attention(cfg: BenchConfig, reps: int = 20) -> list:
     return rows
 
 
-def _tiny_step(activation_dropout=0.0, math_attention=True, stacked=True, bf16=True, rand_dropout=True, seed=0):
+def _tiny_step(activation_dropout=0.0, math_attention=True, stacked=True, bf16=True, rand_dropout=True, invariant=True,
+               seed=0):
     """A closure running one optimiser step of the main job's model and objective (const) on a fixed
     synthetic batch shaped like the demo corpus's (26 utterances of 1.6-3 s, 8-20 pieces)."""
     import train
@@ -207,7 +208,7 @@ def _tiny_step(activation_dropout=0.0, math_attention=True, stacked=True, bf16=T
     batch = data.collate(items)
 
     def step():
-        M.BF16_CPU_MATH_ATTENTION, M.CPU_RAND_DROPOUT = math_attention, rand_dropout
+        M.BF16_CPU_MATH_ATTENTION, M.CPU_RAND_DROPOUT, M.CPU_THREAD_INVARIANT = math_attention, rand_dropout, invariant
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss, _ = train.objective(cfg, m, batch, ("st", "asr", "mt"), 0, torch.nn.ModuleDict(), {})
@@ -215,7 +216,7 @@ def _tiny_step(activation_dropout=0.0, math_attention=True, stacked=True, bf16=T
             loss.backward()
             opt.step()
         finally:
-            M.BF16_CPU_MATH_ATTENTION = M.CPU_RAND_DROPOUT = True
+            M.BF16_CPU_MATH_ATTENTION = M.CPU_RAND_DROPOUT = M.CPU_THREAD_INVARIANT = True
     return step
 
 
@@ -227,8 +228,9 @@ def bench_train_step(cfg: BenchConfig, reps: int = 10) -> list:
                 "with one decoder pass per task": dict(stacked=False),
                 "with torch's dropout (bernoulli_), math path": dict(rand_dropout=False),
                 "with torch's dropout and SDPA kernel": dict(rand_dropout=False, math_attention=False),
-                "all four (the first main job's step)": dict(activation_dropout=0.1, math_attention=False,
-                                                             stacked=False, rand_dropout=False)}
+                "with torch's fused LayerNorm, conv (thread-count dependent)": dict(invariant=False),
+                "all five (the first main job's step)": dict(activation_dropout=0.1, math_attention=False,
+                                                             stacked=False, rand_dropout=False, invariant=False)}
     times = _time_interleaved([_tiny_step(bf16=bf16, **over) for over in variants.values()], reps)
     rows = [(name, t, t / times[0]) for name, t in zip(variants, times)]
     _table(f"tiny training step (const, 26 utterances), bf16 {bf16}, {torch.get_num_threads()} threads "

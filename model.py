@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -28,6 +29,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from data import EOS_ID, PAD_ID, BadInput, Missing, lengths_to_padding_mask
+
+# MKL picks its sgemm kernel by thread count for some shapes (a (10, 10) @ (10, 256) product rounds
+# differently on 1 and 2 threads); its strict reproducible mode does not. Read at MKL's first call, so
+# here, before any matrix product. See CPU_THREAD_INVARIANT below.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,12 +158,92 @@ def attention(q, k, v, mask=None, causal: bool = False, p: float = 0.0) -> torch
     if causal:
         L, T = scores.shape[-2:]
         scores = scores.masked_fill(torch.ones(L, T, dtype=torch.bool, device=q.device).triu(T - L + 1), float("-inf"))
+    if scores.dtype == torch.float32 and CPU_THREAD_INVARIANT:     # fp32's fused softmax backward is not
+        e = (scores - scores.amax(-1, keepdim=True).detach()).exp()  # thread-count invariant (see below)
+        return dropout(e / e.sum(-1, keepdim=True), p, True) @ v
     return dropout(scores.softmax(-1), p, True) @ v
 
 
 # torch 2.13's CPU flash kernel runs bf16 backward 2-6x slower than the math path at the tiny model's
 # shapes (bench.py --only attention), so bf16 training on a CPU takes the math path (same values).
 BF16_CPU_MATH_ATTENTION = True
+
+
+
+# Thread-count invariance on a CPU: torch's fused LayerNorm backward and oneDNN's convolution backward
+# split their sums over positions among the threads, and fp32 softmax's backward takes another path on
+# one thread, so one and two threads round differently and, over the main job's 1600 steps, train apart
+# (ST BLEU 44.31 on one core, 43.66 on two). Matrix products (MKL in strict mode, above) and
+# per-channel sums keep one order whatever the thread count, so on a CPU these layers are spelled out
+# with them: the same weights after training on 1 or 2 threads (tests/test_train.py).
+CPU_THREAD_INVARIANT = True        # bench.py flips it to time torch's fused kernels
+
+
+class _InvariantLayerNorm(torch.autograd.Function):
+    """torch's fused layer norm forward and input gradient (both thread-count invariant); the weight
+    and bias gradients as per-channel sums: d_weight = sum_rows g * (x - mean) * rstd, d_bias = sum_rows g."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = torch.native_layer_norm(x, weight.shape, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx = torch.ops.aten.native_layer_norm_backward(g, x, weight.shape, mean, rstd, weight, bias,
+                                                       [True, False, False])[0]
+        rows = tuple(range(g.dim() - 1))
+        dw = (g * ((x - mean) * rstd)).sum(rows)
+        return dx, dw.to(weight.dtype), g.sum(rows, dtype=bias.dtype), None
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and names, same values); on a CPU its weight and bias gradients are
+    per-channel sums over positions (one thread per channel)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or not CPU_THREAD_INVARIANT or not torch.is_grad_enabled():
+            return super().forward(x)
+        return _InvariantLayerNorm.apply(x, self.weight, self.bias, self.eps)
+
+
+class _InvariantConv1d(torch.autograd.Function):
+    """torch's convolution forward and input gradient; the weight gradient as one matrix product over
+    the unfolded input (im2col): d_W (out, C*k) = g (out, B*T') @ cols (B*T', C*k)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding):
+        if torch.is_autocast_enabled("cpu"):       # cast as autocast would, then run without it
+            dt = torch.get_autocast_dtype("cpu")
+            x, weight, bias = x.to(dt), weight.to(dt), bias.to(dt)
+        with torch.autocast("cpu", enabled=False):
+            y = F.conv1d(x, weight, bias, stride, padding)
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding = stride, padding
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        (s,), (p,), (out, C, k) = ctx.stride, ctx.padding, weight.shape
+        dx = torch.ops.aten.convolution_backward(g, x, weight, None, ctx.stride, ctx.padding, [1], False, [0], 1,
+                                                 [True, False, False])[0]
+        cols = F.pad(x, (p, p)).unfold(2, k, s).transpose(1, 2).reshape(-1, C * k)     # (B*T', C*k)
+        dw = g.transpose(0, 1).reshape(out, -1) @ cols
+        return dx, dw.view(out, C, k), g.sum((0, 2)), None, None
+
+
+class Conv1d(nn.Conv1d):
+    """nn.Conv1d (same parameters and names, same values); on a CPU its weight gradient is one matrix
+    product (im2col), whose rounding does not depend on the thread count."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type != "cpu" or not CPU_THREAD_INVARIANT or not torch.is_grad_enabled() or self.groups != 1
+                or self.dilation != (1,) or self.bias is None or isinstance(self.padding, str)):
+            return super().forward(x)
+        return _InvariantConv1d.apply(x, self.weight, self.bias, self.stride, self.padding)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +308,7 @@ class Wav2Vec2FeatureEncoder(nn.Module):
 class Wav2Vec2FeatureProjection(nn.Module):
     def __init__(self, cfg: Wav2Vec2Config):
         super().__init__()
-        self.layer_norm = nn.LayerNorm(cfg.conv_dim[-1], eps=cfg.layer_norm_eps)
+        self.layer_norm = LayerNorm(cfg.conv_dim[-1], eps=cfg.layer_norm_eps)
         self.projection = nn.Linear(cfg.conv_dim[-1], cfg.hidden_size)
         self.dropout = Dropout(cfg.feat_proj_dropout)
 
@@ -282,9 +368,9 @@ class Wav2Vec2EncoderLayer(nn.Module):
         super().__init__()
         self.attention = Wav2Vec2Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.attention_dropout)
         self.dropout = Dropout(cfg.hidden_dropout)
-        self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.feed_forward = Wav2Vec2FeedForward(cfg)
-        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
         x = self.layer_norm(x + self.dropout(self.attention(x, pad_mask)))
@@ -296,7 +382,7 @@ class Wav2Vec2Encoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.pos_conv_embed = Wav2Vec2PositionalConvEmbedding(cfg)
-        self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.hidden_dropout)
         self.layers = nn.ModuleList(Wav2Vec2EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
@@ -516,7 +602,7 @@ class LogMelFrontend(nn.Module):
         self.n_fft, self.hop = n_fft, hop
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
         self.register_buffer("fbank", mel_filterbank(n_fft, cfg.n_mels), persistent=False)
-        self.conv = nn.Conv1d(cfg.n_mels, cfg.logmel_dim, 3, stride=2, padding=1)
+        self.conv = Conv1d(cfg.n_mels, cfg.logmel_dim, 3, stride=2, padding=1)
 
     def output_lengths(self, lens: torch.Tensor) -> torch.Tensor:
         frames = torch.div(lens - self.n_fft, self.hop, rounding_mode="floor") + 1
@@ -546,7 +632,7 @@ class LengthAdaptor(nn.Module):
     def __init__(self, in_dim: int, channels: int, out_dim: int, layers: int = 2, kernel: int = 5):
         super().__init__()
         dims = [in_dim] + [channels // 2] * (layers - 1) + [out_dim]
-        self.conv_layers = nn.ModuleList(nn.Conv1d(dims[i], 2 * dims[i + 1] if i == layers - 1 else channels,
+        self.conv_layers = nn.ModuleList(Conv1d(dims[i], 2 * dims[i + 1] if i == layers - 1 else channels,
                                                    kernel, stride=2, padding=kernel // 2) for i in range(layers))
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple:
@@ -623,7 +709,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.self_attn = MultiheadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
-        self.self_attn_layer_norm, self.final_layer_norm = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.self_attn_layer_norm, self.final_layer_norm = LayerNorm(cfg.d_model), LayerNorm(cfg.d_model)
         self.ffn, self.dropout = FeedForward(cfg), Dropout(cfg.dropout)
 
     def forward(self, x, pad_mask):
@@ -638,9 +724,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiheadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
         self.encoder_attn = MultiheadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
-        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.encoder_attn_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.self_attn_layer_norm = LayerNorm(cfg.d_model)
+        self.encoder_attn_layer_norm = LayerNorm(cfg.d_model)
+        self.final_layer_norm = LayerNorm(cfg.d_model)
         self.ffn, self.dropout = FeedForward(cfg), Dropout(cfg.dropout)
 
     def forward(self, x, enc, enc_pad_mask, cache: dict | None = None):
@@ -697,9 +783,9 @@ class SpeechTranslator(nn.Module):
         self.embed_scale = math.sqrt(cfg.d_model)
         self.dropout = Dropout(cfg.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
-        self.encoder_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.encoder_layer_norm = LayerNorm(cfg.d_model)
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
-        self.decoder_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.decoder_layer_norm = LayerNorm(cfg.d_model)
 
     @classmethod
     def from_checkpoint(cls, ckpt: "str | Path | dict") -> "SpeechTranslator":

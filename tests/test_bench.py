@@ -12,7 +12,7 @@ def test_attention_train_step_and_precision_rows_run(capsys):
     cfg = bench.BenchConfig()
     assert _finite(bench.bench_attention(cfg, reps=1))
     rows = bench.bench_train_step(cfg, reps=1)
-    assert _finite(rows) and len(rows) == 6 and rows[0][2] == 1.0
+    assert _finite(rows) and len(rows) == 7 and rows[0][2] == 1.0
     assert _finite(bench.bench_precision(cfg, reps=1))
     out = capsys.readouterr().out
     assert "tiny training step" in out and "bf16=auto picks" in out
@@ -52,3 +52,25 @@ def test_the_bernoulli_peer_really_uses_torchs_dropout(monkeypatch):
     assert calls["n"] == 0
     bench._tiny_step(bf16=False, rand_dropout=False)()
     assert calls["n"] > 0
+
+
+def test_the_fused_peer_really_uses_torchs_layer_norm_and_conv(monkeypatch):
+    """The "fused LayerNorm, conv" peer goes through nn.LayerNorm's and nn.Conv1d's own forward; the main
+    job's step (thread-count invariant) through model.LayerNorm's and model.Conv1d's spelled-out ones."""
+    import torch.nn as nn
+    calls = {"ln": 0, "conv": 0}
+    real_ln, real_conv = nn.LayerNorm.forward, nn.Conv1d.forward
+
+    def ln(self, x):
+        calls["ln"] += 1
+        return real_ln(self, x)
+
+    def conv(self, x):
+        calls["conv"] += 1
+        return real_conv(self, x)
+    monkeypatch.setattr(nn.LayerNorm, "forward", ln)
+    monkeypatch.setattr(nn.Conv1d, "forward", conv)
+    bench._tiny_step(bf16=False)()
+    assert calls == {"ln": 0, "conv": 0}
+    bench._tiny_step(bf16=False, invariant=False)()
+    assert calls["ln"] > 0 and calls["conv"] > 0

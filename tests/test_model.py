@@ -426,3 +426,30 @@ def test_attention_spelled_out_for_cpu_dropout_equals_sdpa():
         ref = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=causal)
         ours = model.attention(qq, kk, vv, mask, causal, p=1e-12)
         assert torch.allclose(ours, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_thread_invariant_layer_norm_and_conv_equal_torchs(bf16):
+    """model.LayerNorm and model.Conv1d (their own weight gradients on a CPU) give nn.LayerNorm's and
+    nn.Conv1d's outputs and gradients, in fp32 and under bf16 autocast."""
+    torch.manual_seed(0)
+    tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=1e-5)
+    cases = [(model.LayerNorm(32), torch.randn(3, 7, 32)), (model.Conv1d(16, 24, 5, stride=2, padding=2), torch.randn(3, 16, 19)),
+             (model.Conv1d(16, 24, 3, stride=2, padding=1), torch.randn(2, 16, 10))]
+    for ours, x in cases:
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        ref = (torch.nn.LayerNorm if isinstance(ours, torch.nn.LayerNorm) else torch.nn.Conv1d).forward
+        g = None
+        results = []
+        for fwd in (ours.forward, lambda t: ref(ours, t)):
+            ours.zero_grad()
+            xi = x.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = fwd(xi)
+            g = torch.randn_like(y.float()) if g is None else g
+            (y.float() * g).sum().backward()
+            results.append([y.float(), xi.grad, *(p.grad.clone() for p in ours.parameters())])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, **tol)

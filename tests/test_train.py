@@ -483,3 +483,16 @@ def test_s_align_per_token_ratio_is_the_official_codes(tiny_corpus, variant):
         lam = losses.grl_lambda(step / max_steps)
         c = _coefficient(g_term, _flat_grad(weighted_bce_sum(out.speech_high, text_high, y), params))
         assert abs(c / k / (-lam * a / (1.4 * B)) - 1) < 1e-3, (c / k, -lam * a / (1.4 * B))
+
+
+@pytest.mark.parametrize("bf16", ["false", "true"])
+def test_one_and_two_threads_train_the_same_weights(tiny_corpus, tmp_path, bf16):
+    """The main job's recipe (const) for a few steps on 1 and on 2 CPU threads: bitwise the same weights,
+    so a run's numbers do not depend on the cores it was given (model.CPU_THREAD_INVARIANT)."""
+    const = {**train.RECIPES["const"], "recipe": "const"}
+    runs = [train.train(config(tiny_corpus, tmp_path / f"t{t}", threads=t, bf16=bf16, max_steps=5, batch_seconds=40.0,
+                               **const)) for t in (1, 2)]
+    assert all("ctr" in h for h in runs[0]["history"])
+    assert runs[0]["history"] == runs[1]["history"]
+    a, b = (torch.load(tmp_path / f"t{t}" / "last.pt")["model"] for t in (1, 2))
+    assert [n for n in a if not torch.equal(a[n], b[n])] == []
