@@ -17,6 +17,12 @@ the levers of the main job (no FFN activation dropout, the SDPA math path, one s
 for ST+ASR+MT, dropout masks from torch.rand instead of bernoulli_, bf16 where the probe measures it
 faster) against the same step without each of them.
 precision: that step in fp32 and in bf16 autocast, and what train.py's bf16=auto probe picks here.
+hf_step: one optimiser step of our model with the papers' front end (wav2vec2) against Hugging Face's
+SpeechEncoderDecoderModel of the same size (Wav2Vec2Model + MBartForCausalLM), tiny and base shapes,
+fp32 and bf16, the same audio and targets.
+generate: beam 5 from audio on those two models, both forced to the same number of tokens.
+mfu: FLOPs of the tiny and base training steps (torch.utils.flop_counter) per second, divided by a
+2048 x 2048 matrix product's FLOP/s measured in the same run and precision.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ import demo_corpus
 @dataclass
 class BenchConfig:
     only: str = ""                  # run one: data | wav2vec2 | decode | sinkhorn | attention | train_step | precision
+                                    # | hf_step | generate | mfu
     data: str = ""                  # an en-XX folder; default: a fresh demo corpus
     segments: int = 2000            # size of that fresh demo corpus (train split)
     max_seconds: float = 60.0       # padded audio per batch, as the CPU demo trains
@@ -240,11 +247,181 @@ def bench_train_step(cfg: BenchConfig, reps: int = 10) -> list:
 
 def bench_precision(cfg: BenchConfig, reps: int = 8) -> list:
     import train
-    t32, t16 = _time(_tiny_step(bf16=False), reps), _time(_tiny_step(bf16=True), reps)
+    t32, t16 = _time_interleaved([_tiny_step(bf16=False), _tiny_step(bf16=True)], reps)
+    ours, hf = _hf_pair("base")
+    batch = _audio_batch(*HF_BATCH["base"])
+    b32, b16 = _time_interleaved([_hf_steps(ours, hf, batch, bf16)[0] for bf16 in (False, True)], max(1, reps // 3))
     choice, why = train.probe_bf16(torch.get_num_threads(), cache=None)
-    rows = [("fp32", t32, 1.0), ("bf16 autocast", t16, t32 / t16)]
-    _table(f"precision of the tiny training step, {torch.get_num_threads()} threads (ratio = fp32 time / this "
-           f"row's); bf16=auto picks bf16={choice} ({why})", rows, "s/step")
+    rows = [("tiny (main job's step), fp32", t32, 1.0), ("tiny (main job's step), bf16 autocast", t16, t32 / t16),
+            (f"base (wav2vec2, ST, {HF_BATCH['base'][0]} utterances), fp32", b32, 1.0),
+            (f"base (wav2vec2, ST, {HF_BATCH['base'][0]} utterances), bf16 autocast", b16, b32 / b16)]
+    _table(f"precision of the tiny and base training steps, {torch.get_num_threads()} threads (ratio = fp32 time / "
+           f"this row's); bf16=auto picks bf16={choice} ({why})", rows, "s/step")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Against Hugging Face: what a user would otherwise pick (issue 11)
+# ----------------------------------------------------------------------------------------------
+def _audio_batch(n: int, lo: float, hi: float, seed: int = 0) -> "data.Batch":
+    """n utterances of lo-hi seconds of noise with random transcripts and translations (8-20 pieces)."""
+    rng = np.random.default_rng(seed)
+    items = [{"id": str(i), "audio": rng.standard_normal(int(rng.uniform(lo, hi) * data.SAMPLE_RATE)).astype(np.float32) * 0.1,
+              "src": [5, *rng.integers(6, 1000, int(rng.integers(8, 20))).tolist(), data.EOS_ID],
+              "tgt": [6, *rng.integers(6, 1000, int(rng.integers(8, 20))).tolist(), data.EOS_ID]} for i in range(n)]
+    return data.collate(items)
+
+
+def _hf_pair(preset: str, seed: int = 0) -> tuple:
+    """Our SpeechTranslator with the papers' front end (wav2vec2) and Hugging Face's
+    SpeechEncoderDecoderModel of the same size: its Wav2Vec2Model (same shape, with its conv adapter in
+    place of our length adaptor: 2 layers, kernel 5, stride 2, to d_model) and MBartForCausalLM as the
+    decoder (pre-LN like ours; same width, depth, heads, FFN, vocabulary; cross-attention; tied output).
+    Ours also has the shared Transformer encoder between the two (more work per step, not less)."""
+    import dataclasses
+    import transformers
+    import model as M
+    torch.manual_seed(seed)
+    mc = M.model_config(preset, frontend="wav2vec2")
+    mc.w2v.layerdrop = 0.0
+    ours = M.SpeechTranslator(mc)
+    w = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(mc.w2v).items()
+         if k != "gradient_checkpointing"}
+    enc = transformers.Wav2Vec2Config(**w, add_adapter=True, num_adapter_layers=mc.adaptor_layers, adapter_kernel_size=5,
+                                      adapter_stride=2, output_hidden_size=mc.d_model)
+    dec = transformers.MBartConfig(vocab_size=mc.vocab_size, d_model=mc.d_model, decoder_layers=mc.decoder_layers,
+                                   decoder_attention_heads=mc.n_heads, decoder_ffn_dim=mc.ffn_dim, dropout=mc.dropout,
+                                   attention_dropout=mc.attention_dropout, activation_dropout=mc.activation_dropout,
+                                   activation_function="relu", scale_embedding=True, max_position_embeddings=1024,
+                                   is_decoder=True, add_cross_attention=True, tie_word_embeddings=True,
+                                   pad_token_id=data.PAD_ID, bos_token_id=data.BOS_ID, eos_token_id=data.EOS_ID,
+                                   decoder_start_token_id=data.EOS_ID)
+    hf = transformers.SpeechEncoderDecoderModel(encoder=transformers.Wav2Vec2Model(enc),
+                                                decoder=transformers.MBartForCausalLM(dec))
+    hf.config.decoder_start_token_id, hf.config.pad_token_id = data.EOS_ID, data.PAD_ID
+    return ours, hf
+
+
+def _hf_steps(ours, hf, batch, bf16: bool) -> tuple:
+    """Closures of one optimiser step (forward, summed cross-entropy of the ST targets, backward, Adam)."""
+    import torch.nn.functional as F
+    import model as M
+    prev = M.shift_right(batch.tgt)
+    audio_mask = (~data.lengths_to_padding_mask(batch.audio_lens, batch.audio.shape[1])).long()
+
+    def ce(logits):
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch.tgt.flatten(), ignore_index=data.PAD_ID, reduction="sum")
+
+    def make(m, logits):
+        opt = torch.optim.Adam(m.parameters(), 1e-5)
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = ce(logits())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+    return (make(ours.train(), lambda: ours(batch, tasks=("st",)).logits["st"]),
+            make(hf.train(), lambda: hf(input_values=batch.audio, attention_mask=audio_mask, decoder_input_ids=prev,
+                                        decoder_attention_mask=(prev != data.PAD_ID).long()).logits))
+
+
+HF_BATCH = {"tiny": (26, 1.6, 3.0), "base": (4, 2.0, 4.0)}      # utterances, shortest and longest seconds
+
+
+def bench_hf_step(cfg: BenchConfig, reps: int = 3, presets=("tiny", "base")) -> list:
+    rows = []
+    for preset in presets:
+        ours, hf = _hf_pair(preset)
+        batch = _audio_batch(*HF_BATCH[preset])
+        size = f"{sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M vs {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M"
+        for bf16 in (False, True):
+            t_ours, t_hf = _time_interleaved(list(_hf_steps(ours, hf, batch, bf16)), reps)
+            p = "bf16" if bf16 else "fp32"
+            rows += [(f"{preset} {p}: ours ({size} parameters)", t_ours, t_ours / t_hf),
+                     (f"{preset} {p}: HF SpeechEncoderDecoderModel", t_hf, 1.0)]
+    n = {k: v[0] for k, v in HF_BATCH.items()}
+    _table(f"training step (ST cross-entropy, Adam) against Hugging Face, wav2vec2 front end, tiny: {n['tiny']} x "
+           f"1.6-3 s, base: {n['base']} x 2-4 s, {torch.get_num_threads()} threads (ratio = ours / HF's time; goal <= 0.8)",
+           rows, "s/step")
+    return rows
+
+
+def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int = 2, presets=("tiny", "base")) -> list:
+    """Beam search from audio (encoder included), both forced to `length` new tokens (end of sentence
+    suppressed: HF by min_new_tokens, ours by a -inf logit), so time per sentence compares like with like."""
+    import model as M
+    rows = []
+    for preset in presets:
+        ours, hf = _hf_pair(preset)
+        ours.eval(), hf.eval()
+        n = 8 if preset == "tiny" else 4
+        batch = _audio_batch(n, 2.0, 3.0)
+        audio_mask = (~data.lengths_to_padding_mask(batch.audio_lens, batch.audio.shape[1])).long()
+        decode = ours.decode
+
+        def no_eos(*a, **k):
+            logits = decode(*a, **k)
+            logits[..., data.EOS_ID] = float("-inf")
+            return logits
+        ours.decode = no_eos
+        counts = {}
+
+        @torch.no_grad()
+        def run_ours():
+            low, lens = ours.encode_speech(batch.audio, batch.audio_lens)
+            hyps = ours.generate(ours.encode(low, lens), lens, 6, beam=beam, max_len_a=0, max_len_b=length + 1)
+            counts["ours"] = sum(map(len, hyps)) / n
+
+        @torch.no_grad()
+        def run_hf():
+            out = hf.generate(input_values=batch.audio, attention_mask=audio_mask, num_beams=beam, do_sample=False,
+                              min_new_tokens=length, max_new_tokens=length, decoder_start_token_id=data.EOS_ID,
+                              eos_token_id=data.EOS_ID, pad_token_id=data.PAD_ID)
+            counts["hf"] = out.shape[1] - 1
+        t_ours, t_hf = _time_interleaved([run_ours, run_hf], reps)
+        rows += [(f"{preset}: ours, {counts['ours']:.0f} tokens/sentence", t_ours / n, t_ours / t_hf),
+                 (f"{preset}: HF generate, {counts['hf']:.0f} tokens/sentence", t_hf / n, 1.0)]
+    _table(f"beam search ({beam} beams) from audio against Hugging Face's generate, {torch.get_num_threads()} threads "
+           f"(ratio = ours / HF's time; goal <= 0.7)", rows, "s/sentence")
+    return rows
+
+
+def _matmul_peak(bf16: bool, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of an n x n matrix product in this precision: the reachable peak that MFU divides by."""
+    dt = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+    return 2 * n ** 3 / _time(lambda: a @ b, reps)
+
+
+def bench_mfu(cfg: BenchConfig, reps: int = 3, presets=("tiny", "base")) -> list:
+    """Model FLOP utilisation: FLOPs of one training step (torch.utils.flop_counter) / its time, divided by
+    a matrix product's FLOP/s measured in the same run and precision."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import train
+    bf16 = train.probe_bf16(torch.get_num_threads())[0]
+    steps = {}
+    if "tiny" in presets:
+        steps["tiny (the main job's step: log-mel, const, 26 utterances)"] = _tiny_step(bf16=bf16)
+    if "base" in presets:
+        ours, hf = _hf_pair("base")
+        steps[f"base (wav2vec2, ST, {HF_BATCH['base'][0]} utterances)"] = \
+            _hf_steps(ours, hf, _audio_batch(*HF_BATCH["base"]), bf16)[0]
+    peak = _matmul_peak(bf16)
+    rows = []
+    for name, step in steps.items():
+        step()
+        with FlopCounterMode(display=False) as counter:
+            step()
+        t = _time(step, reps)
+        flops = counter.get_total_flops()
+        rows.append((name, flops / t / 1e9, flops / t / peak))
+    print(f"\n## model FLOP utilisation, {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads; peak = a 2048^2 "
+          f"matrix product here: {peak / 1e9:.0f} GFLOP/s (goal: base >= 30 %)")
+    print(f"| {'step':<62} | {'GFLOP/s':>8} | {'MFU':>6} |\n|{'-' * 64}|{'-' * 10}|{'-' * 8}|")
+    for name, g, mfu in rows:
+        print(f"| {name:<62} | {g:>8.1f} | {mfu * 100:>5.1f}% |")
     return rows
 
 
@@ -255,7 +432,8 @@ def main():
     cfg = BenchConfig(**vars(p.parse_args()))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     benches = {"data": bench_data, "wav2vec2": bench_wav2vec2, "decode": bench_decode, "sinkhorn": bench_sinkhorn,
-               "attention": bench_attention, "train_step": bench_train_step, "precision": bench_precision}
+               "attention": bench_attention, "train_step": bench_train_step, "precision": bench_precision,
+               "hf_step": bench_hf_step, "generate": bench_generate, "mfu": bench_mfu}
     for name, run in benches.items():
         if cfg.only in ("", name):
             run(cfg)

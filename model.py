@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -158,10 +159,25 @@ def attention(q, k, v, mask=None, causal: bool = False, p: float = 0.0) -> torch
     if causal:
         L, T = scores.shape[-2:]
         scores = scores.masked_fill(torch.ones(L, T, dtype=torch.bool, device=q.device).triu(T - L + 1), float("-inf"))
-    if scores.dtype == torch.float32 and CPU_THREAD_INVARIANT:     # fp32's fused softmax backward is not
-        e = (scores - scores.amax(-1, keepdim=True).detach()).exp()  # thread-count invariant (see below)
-        return dropout(e / e.sum(-1, keepdim=True), p, True) @ v
-    return dropout(scores.softmax(-1), p, True) @ v
+    fp32 = scores.dtype == torch.float32 and CPU_THREAD_INVARIANT
+    weights = _InvariantSoftmax.apply(scores) if fp32 else scores.softmax(-1)
+    return dropout(weights, p, True) @ v
+
+
+class _InvariantSoftmax(torch.autograd.Function):
+    """softmax over the last axis; its backward on one thread (fp32's differs between 1 and 2 threads, below)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.softmax(-1)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, = ctx.saved_tensors
+        with one_thread():
+            return torch._softmax_backward_data(g, y, -1, y.dtype)
 
 
 # torch 2.13's CPU flash kernel runs bf16 backward 2-6x slower than the math path at the tiny model's
@@ -170,18 +186,32 @@ BF16_CPU_MATH_ATTENTION = True
 
 
 
-# Thread-count invariance on a CPU: torch's fused LayerNorm backward and oneDNN's convolution backward
+# Thread-count invariance on a CPU: the weight gradients of torch's LayerNorm and oneDNN's convolution
 # split their sums over positions among the threads, and fp32 softmax's backward takes another path on
 # one thread, so one and two threads round differently and, over the main job's 1600 steps, train apart
-# (ST BLEU 44.31 on one core, 43.66 on two). Matrix products (MKL in strict mode, above) and
-# per-channel sums keep one order whatever the thread count, so on a CPU these layers are spelled out
-# with them: the same weights after training on 1 or 2 threads (tests/test_train.py).
-CPU_THREAD_INVARIANT = True        # bench.py flips it to time torch's fused kernels
+# (ST BLEU 44.31 on one core, 43.66 on two). So on a CPU these three run on ONE thread whatever the
+# thread count (everything else already rounds the same on any number: matrix products, with MKL in
+# strict mode above, and the per-row kernels): the same weights after training on 1 or 2 threads
+# (tests/test_train.py), at no cost on one thread and 7 % of a step on two (bench.py --only train_step).
+CPU_THREAD_INVARIANT = True        # bench.py flips it to time torch's own kernels
+
+
+@contextmanager
+def one_thread():
+    """Run the block on one intra-op thread (no-op where there is only one)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class _InvariantLayerNorm(torch.autograd.Function):
-    """torch's fused layer norm forward and input gradient (both thread-count invariant); the weight
-    and bias gradients as per-channel sums: d_weight = sum_rows g * (x - mean) * rstd, d_bias = sum_rows g."""
+    """torch's layer norm; the weight and bias gradients (sums over rows) on one thread."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
@@ -192,16 +222,18 @@ class _InvariantLayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx = torch.ops.aten.native_layer_norm_backward(g, x, weight.shape, mean, rstd, weight, bias,
-                                                       [True, False, False])[0]
-        rows = tuple(range(g.dim() - 1))
-        dw = (g * ((x - mean) * rstd)).sum(rows)
-        return dx, dw.to(weight.dtype), g.sum(rows, dtype=bias.dtype), None
+        grads = lambda mask: torch.ops.aten.native_layer_norm_backward(g, x, weight.shape, mean, rstd, weight, bias, mask)
+        if torch.get_num_threads() == 1:
+            dx, dw, db = grads([True, True, True])
+        else:                                   # the input gradient (per row) on every thread
+            dx = grads([True, False, False])[0]
+            with one_thread():
+                _, dw, db = grads([False, True, True])
+        return dx, dw, db, None
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same parameters and names, same values); on a CPU its weight and bias gradients are
-    per-channel sums over positions (one thread per channel)."""
+    """nn.LayerNorm (same parameters, names and values); on a CPU, _InvariantLayerNorm."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or not CPU_THREAD_INVARIANT or not torch.is_grad_enabled():
@@ -210,12 +242,11 @@ class LayerNorm(nn.LayerNorm):
 
 
 class _InvariantConv1d(torch.autograd.Function):
-    """torch's convolution forward and input gradient; the weight gradient as one matrix product over
-    the unfolded input (im2col): d_W (out, C*k) = g (out, B*T') @ cols (B*T', C*k)."""
+    """torch's convolution (cast as autocast would); the weight and bias gradients on one thread."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):
-        if torch.is_autocast_enabled("cpu"):       # cast as autocast would, then run without it
+        if torch.is_autocast_enabled("cpu"):
             dt = torch.get_autocast_dtype("cpu")
             x, weight, bias = x.to(dt), weight.to(dt), bias.to(dt)
         with torch.autocast("cpu", enabled=False):
@@ -227,17 +258,19 @@ class _InvariantConv1d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        (s,), (p,), (out, C, k) = ctx.stride, ctx.padding, weight.shape
-        dx = torch.ops.aten.convolution_backward(g, x, weight, None, ctx.stride, ctx.padding, [1], False, [0], 1,
-                                                 [True, False, False])[0]
-        cols = F.pad(x, (p, p)).unfold(2, k, s).transpose(1, 2).reshape(-1, C * k)     # (B*T', C*k)
-        dw = g.transpose(0, 1).reshape(out, -1) @ cols
-        return dx, dw.view(out, C, k), g.sum((0, 2)), None, None
+        grads = lambda mask: torch.ops.aten.convolution_backward(g, x, weight, [weight.shape[0]], ctx.stride,
+                                                                 ctx.padding, [1], False, [0], 1, mask)
+        if torch.get_num_threads() == 1:
+            dx, dw, db = grads([True, True, True])
+        else:
+            dx = grads([True, False, False])[0]
+            with one_thread():
+                _, dw, db = grads([False, True, True])
+        return dx, dw, db, None, None
 
 
 class Conv1d(nn.Conv1d):
-    """nn.Conv1d (same parameters and names, same values); on a CPU its weight gradient is one matrix
-    product (im2col), whose rounding does not depend on the thread count."""
+    """nn.Conv1d (same parameters, names and values); on a CPU, _InvariantConv1d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type != "cpu" or not CPU_THREAD_INVARIANT or not torch.is_grad_enabled() or self.groups != 1

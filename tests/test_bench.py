@@ -74,3 +74,20 @@ def test_the_fused_peer_really_uses_torchs_layer_norm_and_conv(monkeypatch):
     assert calls == {"ln": 0, "conv": 0}
     bench._tiny_step(bf16=False, invariant=False)()
     assert calls["ln"] > 0 and calls["conv"] > 0
+
+
+def test_hugging_face_and_mfu_rows_run(capsys):
+    """The rows against Hugging Face (training step, beam search) and the MFU row, tiny shapes, one repetition:
+    the two models are the same size within 25 %, and both searches write the forced number of tokens."""
+    cfg = bench.BenchConfig()
+    ours, hf = bench._hf_pair("tiny")
+    n_ours, n_hf = (sum(p.numel() for p in m.parameters()) for m in (ours, hf))
+    assert 0.75 < n_ours / n_hf < 1.25
+    rows = bench.bench_hf_step(cfg, reps=1, presets=("tiny",))
+    assert _finite(rows) and len(rows) == 4
+    rows = bench.bench_generate(cfg, length=4, reps=1, presets=("tiny",))
+    assert _finite(rows) and "4 tokens/sentence" in rows[0][0] and "4 tokens/sentence" in rows[1][0]
+    rows = bench.bench_mfu(cfg, reps=1, presets=("tiny",))
+    assert len(rows) == 1 and rows[0][1] > 0 and 0 < rows[0][2] < 1.5
+    out = capsys.readouterr().out
+    assert "against Hugging Face" in out and "model FLOP utilisation" in out
