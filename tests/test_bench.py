@@ -78,11 +78,13 @@ def test_the_fused_peer_really_uses_torchs_layer_norm_and_conv(monkeypatch):
 
 def test_hugging_face_and_mfu_rows_run(capsys):
     """The rows against Hugging Face (training step, beam search) and the MFU row, tiny shapes, one repetition:
-    the two models are the same size within 25 %, and both searches write the forced number of tokens."""
+    HF's model is ours without the shared encoder (which it lacks) within 10 % of the parameters (the same
+    wav2vec2, adaptor and decoder shapes), and both searches write the forced number of tokens."""
     cfg = bench.BenchConfig()
     ours, hf = bench._hf_pair("tiny")
+    n_shared = sum(p.numel() for n, p in ours.named_parameters() if n.startswith(("encoder_layers.", "encoder_layer_norm.")))
     n_ours, n_hf = (sum(p.numel() for p in m.parameters()) for m in (ours, hf))
-    assert 0.75 < n_ours / n_hf < 1.25
+    assert 0.9 < (n_ours - n_shared) / n_hf < 1.1
     rows = bench.bench_hf_step(cfg, reps=1, presets=("tiny",))
     assert _finite(rows) and len(rows) == 4
     rows = bench.bench_generate(cfg, length=4, reps=1, presets=("tiny",))
