@@ -185,7 +185,6 @@ class _InvariantSoftmax(torch.autograd.Function):
 BF16_CPU_MATH_ATTENTION = True
 
 
-
 # Thread-count invariance on a CPU: the weight gradients of torch's LayerNorm and oneDNN's convolution
 # split their sums over positions among the threads, and fp32 softmax's backward takes another path on
 # one thread, so one and two threads round differently and, over the main job's 1600 steps, train apart
@@ -210,6 +209,17 @@ def one_thread():
         torch.set_num_threads(n)
 
 
+def _split_grads(grads) -> tuple:
+    """grads(mask) -> (d_input, d_weight, d_bias) of a fused backward kernel: the input gradient on every
+    thread (per row: invariant), the weight and bias gradients (sums over rows) on one."""
+    if torch.get_num_threads() == 1:
+        return grads([True, True, True])
+    dx = grads([True, False, False])[0]
+    with one_thread():
+        _, dw, db = grads([False, True, True])
+    return dx, dw, db
+
+
 class _InvariantLayerNorm(torch.autograd.Function):
     """torch's layer norm; the weight and bias gradients (sums over rows) on one thread."""
 
@@ -222,14 +232,8 @@ class _InvariantLayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        grads = lambda mask: torch.ops.aten.native_layer_norm_backward(g, x, weight.shape, mean, rstd, weight, bias, mask)
-        if torch.get_num_threads() == 1:
-            dx, dw, db = grads([True, True, True])
-        else:                                   # the input gradient (per row) on every thread
-            dx = grads([True, False, False])[0]
-            with one_thread():
-                _, dw, db = grads([False, True, True])
-        return dx, dw, db, None
+        return *_split_grads(lambda mask: torch.ops.aten.native_layer_norm_backward(
+            g, x, weight.shape, mean, rstd, weight, bias, mask)), None
 
 
 class LayerNorm(nn.LayerNorm):
@@ -258,15 +262,8 @@ class _InvariantConv1d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        grads = lambda mask: torch.ops.aten.convolution_backward(g, x, weight, [weight.shape[0]], ctx.stride,
-                                                                 ctx.padding, [1], False, [0], 1, mask)
-        if torch.get_num_threads() == 1:
-            dx, dw, db = grads([True, True, True])
-        else:
-            dx = grads([True, False, False])[0]
-            with one_thread():
-                _, dw, db = grads([False, True, True])
-        return dx, dw, db, None, None
+        return *_split_grads(lambda mask: torch.ops.aten.convolution_backward(
+            g, x, weight, [weight.shape[0]], ctx.stride, ctx.padding, [1], False, [0], 1, mask)), None, None
 
 
 class Conv1d(nn.Conv1d):
