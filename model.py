@@ -294,14 +294,14 @@ def masked_group_norm(x: torch.Tensor, norm: nn.GroupNorm, pad_mask: torch.Tenso
     assert norm.num_groups == norm.num_channels, "wav2vec2 normalises each channel on its own"
     if pad_mask is None or not pad_mask.any():
         return norm(x)                             # the fused kernel (fp32 under autocast)
-    dtype = x.dtype
-    x = x.float()                                  # statistics in fp32 under bf16 autocast
-    valid = torch.ones_like(x[:, :1]) if pad_mask is None else (~pad_mask).unsqueeze(1).float()
-    n = valid.sum(-1, keepdim=True).clamp(min=1)
-    mean = (x * valid).sum(-1, keepdim=True) / n
-    var = (((x - mean) * valid) ** 2).sum(-1, keepdim=True) / n
-    x = (x - mean) * torch.rsqrt(var + norm.eps)
-    return (x * norm.weight[:, None].float() + norm.bias[:, None].float()).to(dtype)
+    # Each utterance through the fused kernel on its valid frames (one pass; a masked mean and variance
+    # spelled out took ten over the batch, 35 % of a tiny wav2vec2 step). Padded frames become 0: no
+    # valid output of the next conv reads them (its windows lie inside the valid frames, conv_out_lengths).
+    T = x.shape[-1]
+    with torch.autocast(x.device.type, enabled=False):
+        parts = [F.pad(F.group_norm(xb[..., :n].float(), norm.num_groups, norm.weight, norm.bias, norm.eps), (0, T - n))
+                 for xb, n in zip(x.split(1), (~pad_mask).sum(-1).tolist())]      # split: one gradient copy back
+    return torch.cat(parts).to(x.dtype)
 
 
 class Wav2Vec2ConvLayer(nn.Module):
