@@ -208,11 +208,7 @@ def _tiny_step(activation_dropout=0.0, math_attention=True, stacked=True, bf16=T
     if not stacked:     # the peer: one decoder pass per task
         m.decode_stacked = lambda jobs: {t: m.decode(*j) for t, j in jobs.items()}
     opt = torch.optim.Adam(m.parameters(), 1e-4)
-    rng = np.random.default_rng(seed)
-    items = [{"id": str(i), "audio": rng.standard_normal(int(rng.uniform(1.6, 3.0) * data.SAMPLE_RATE)).astype(np.float32) * 0.1,
-              "src": [5, *rng.integers(6, 1000, int(rng.integers(8, 20))).tolist(), data.EOS_ID],
-              "tgt": [6, *rng.integers(6, 1000, int(rng.integers(8, 20))).tolist(), data.EOS_ID]} for i in range(26)]
-    batch = data.collate(items)
+    batch = _audio_batch(26, 1.6, 3.0, seed)
 
     def step():
         M.BF16_CPU_MATH_ATTENTION, M.CPU_RAND_DROPOUT, M.CPU_THREAD_INVARIANT = math_attention, rand_dropout, invariant
