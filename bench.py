@@ -108,9 +108,10 @@ def _time_interleaved(fns: list, reps: int) -> list:
 
 def _table(title: str, rows: list, unit: str):
     print(f"\n## {title}")
-    print(f"| {'what':<40} | {unit:>10} | {'ratio':>8} |\n|{'-' * 42}|{'-' * 12}|{'-' * 10}|")
+    w = max(40, *(len(name) for name, _, _ in rows))
+    print(f"| {'what':<{w}} | {unit:>10} | {'ratio':>8} |\n|{'-' * (w + 2)}|{'-' * 12}|{'-' * 10}|")
     for name, value, ratio in rows:
-        print(f"| {name:<40} | {value:>10.3f} | {ratio:>7.2f}x |")
+        print(f"| {name:<{w}} | {value:>10.3f} | {ratio:>7.2f}x |")
 
 
 def bench_wav2vec2(cfg: BenchConfig, seconds: float = 4.0, batch: int = 2, reps: int = 3) -> list:
@@ -268,19 +269,20 @@ def _audio_batch(n: int, lo: float, hi: float, seed: int = 0) -> "data.Batch":
     return data.collate(items)
 
 
-def _hf_pair(preset: str, seed: int = 0) -> tuple:
+def _hf_pair(preset: str, seed: int = 0, shared_encoder: bool = True) -> tuple:
     """Our SpeechTranslator with the papers' front end (wav2vec2) and Hugging Face's
     SpeechEncoderDecoderModel of the same size: its Wav2Vec2Model (same shape, with its conv adapter in
     place of our length adaptor: 2 layers, kernel 5, stride 2, to d_model) and MBartForCausalLM as the
     decoder (pre-LN like ours; same width, depth, heads, FFN, vocabulary; cross-attention; tied output).
-    Ours also has the shared Transformer encoder between the two (more work per step, not less). HF's
+    Ours also has the shared Transformer encoder between the two (more work per step, not less);
+    shared_encoder=False leaves it out (encoder_layers=0): then both have the same architecture. HF's
     model gets no audio attention mask, as Hugging Face advises for group-norm wav2vec2 (base): its adapter
     computes wrong lengths for kernel 5 when given one."""
     import dataclasses
     import transformers
     import model as M
     torch.manual_seed(seed)
-    mc = M.model_config(preset, frontend="wav2vec2")
+    mc = M.model_config(preset, frontend="wav2vec2", **({} if shared_encoder else {"encoder_layers": 0}))
     mc.w2v.layerdrop = 0.0
     ours = M.SpeechTranslator(mc)
     w = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(mc.w2v).items()
@@ -327,17 +329,25 @@ def _hf_steps(ours, hf, batch, bf16: bool) -> tuple:
 HF_BATCH = {"tiny": (26, 1.6, 3.0), "base": (4, 2.0, 4.0)}      # utterances, shortest and longest seconds
 
 
+def _size(m) -> str:
+    return f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M"
+
+
 def bench_hf_step(cfg: BenchConfig, reps: int = 3, presets=("tiny", "base")) -> list:
+    """Three models per row group: ours (the ConST model: wav2vec2, adaptor, shared encoder, decoder), ours
+    with HF's architecture (no shared encoder: like for like) and HF's, timed interleaved."""
     rows = []
     for preset in presets:
         ours, hf = _hf_pair(preset)
+        same = _hf_pair(preset, shared_encoder=False)[0]
         batch = _audio_batch(*HF_BATCH[preset])
-        size = f"{sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M vs {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M"
         for bf16 in (False, True):
-            t_ours, t_hf = _time_interleaved(list(_hf_steps(ours, hf, batch, bf16)), reps)
+            step_ours, step_hf = _hf_steps(ours, hf, batch, bf16)
+            t_ours, t_same, t_hf = _time_interleaved([step_ours, _hf_steps(same, hf, batch, bf16)[0], step_hf], reps)
             p = "bf16" if bf16 else "fp32"
-            rows += [(f"{preset} {p}: ours ({size} parameters)", t_ours, t_ours / t_hf),
-                     (f"{preset} {p}: HF SpeechEncoderDecoderModel", t_hf, 1.0)]
+            rows += [(f"{preset} {p}: ours, ConST model ({_size(ours)})", t_ours, t_ours / t_hf),
+                     (f"{preset} {p}: ours, HF's architecture ({_size(same)})", t_same, t_same / t_hf),
+                     (f"{preset} {p}: HF SpeechEncoderDecoderModel ({_size(hf)})", t_hf, 1.0)]
     n = {k: v[0] for k, v in HF_BATCH.items()}
     _table(f"training step (ST cross-entropy, Adam) against Hugging Face, wav2vec2 front end, tiny: {n['tiny']} x "
            f"1.6-3 s, base: {n['base']} x 2-4 s, {torch.get_num_threads()} threads (ratio = ours / HF's time; goal <= 0.8)",
@@ -348,36 +358,40 @@ def bench_hf_step(cfg: BenchConfig, reps: int = 3, presets=("tiny", "base")) -> 
 def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int = 2, presets=("tiny", "base")) -> list:
     """Beam search from audio (encoder included), both forced to `length` new tokens (end of sentence
     suppressed: HF by min_new_tokens, ours by a -inf logit), so time per sentence compares like with like."""
-    import model as M
     rows = []
     for preset in presets:
         ours, hf = _hf_pair(preset)
-        ours.eval(), hf.eval()
+        same = _hf_pair(preset, shared_encoder=False)[0]
         n = 8 if preset == "tiny" else 4
         batch = _audio_batch(n, 2.0, 3.0)
-        decode = ours.decode
-
-        def no_eos(*a, **k):
-            logits = decode(*a, **k)
-            logits[..., data.EOS_ID] = float("-inf")
-            return logits
-        ours.decode = no_eos
         counts = {}
 
-        @torch.no_grad()
-        def run_ours():
-            low, lens = ours.encode_speech(batch.audio, batch.audio_lens)
-            hyps = ours.generate(ours.encode(low, lens), lens, 6, beam=beam, max_len_a=0, max_len_b=length + 1)
-            counts["ours"] = sum(map(len, hyps)) / n
+        def searcher(m, name):
+            m.eval()
+            decode = m.decode
+
+            def no_eos(*a, **k):
+                logits = decode(*a, **k)
+                logits[..., data.EOS_ID] = float("-inf")
+                return logits
+            m.decode = no_eos
+
+            @torch.no_grad()
+            def run():
+                low, lens = m.encode_speech(batch.audio, batch.audio_lens)
+                hyps = m.generate(m.encode(low, lens), lens, 6, beam=beam, max_len_a=0, max_len_b=length + 1)
+                counts[name] = sum(map(len, hyps)) / n
+            return run
 
         @torch.no_grad()
         def run_hf():
-            out = hf.generate(input_values=batch.audio, num_beams=beam, do_sample=False,
-                              min_new_tokens=length, max_new_tokens=length, decoder_start_token_id=data.EOS_ID,
-                              eos_token_id=data.EOS_ID, pad_token_id=data.PAD_ID)
+            out = hf.eval().generate(input_values=batch.audio, num_beams=beam, do_sample=False,
+                                     min_new_tokens=length, max_new_tokens=length, decoder_start_token_id=data.EOS_ID,
+                                     eos_token_id=data.EOS_ID, pad_token_id=data.PAD_ID)
             counts["hf"] = out.shape[1] - 1
-        t_ours, t_hf = _time_interleaved([run_ours, run_hf], reps)
-        rows += [(f"{preset}: ours, {counts['ours']:.0f} tokens/sentence", t_ours / n, t_ours / t_hf),
+        t_ours, t_same, t_hf = _time_interleaved([searcher(ours, "ours"), searcher(same, "same"), run_hf], reps)
+        rows += [(f"{preset}: ours, ConST model, {counts['ours']:.0f} tokens/sentence", t_ours / n, t_ours / t_hf),
+                 (f"{preset}: ours, HF's architecture, {counts['same']:.0f} tokens", t_same / n, t_same / t_hf),
                  (f"{preset}: HF generate, {counts['hf']:.0f} tokens/sentence", t_hf / n, 1.0)]
     _table(f"beam search ({beam} beams) from audio against Hugging Face's generate, {torch.get_num_threads()} threads "
            f"(ratio = ours / HF's time; goal <= 0.7)", rows, "s/sentence")

@@ -122,19 +122,32 @@ def model_config(preset: str, **overrides) -> ModelConfig:
     return cfg
 
 
-# Dropout with its mask drawn by torch.rand on a CPU: there torch's bernoulli_ (behind nn.Dropout and
-# SDPA's dropout_p) costs 3x as much per element and was 9 % of a tiny training step (bench.py --only
-# dropout). Same distribution (keep with probability 1 - p, scale by 1 / (1 - p)); other random numbers.
+# Dropout with its mask drawn from 16-bit random integers on a CPU: torch's bernoulli_ (behind nn.Dropout and
+# SDPA's dropout_p) costs 4x as much per element as torch.rand, and torch.rand 2.5x as much as four 16-bit
+# lanes of one random 64-bit word; the mask and its scale as one tensor make forward and backward one pass
+# each. Dropout went from 9 % of a tiny training step to ~2 % (bench.py --only train_step). The drop
+# probability is p rounded to a multiple of 2^-16 (0.1 -> 0.100006), the scale 1 / (1 - that): unbiased.
 CPU_RAND_DROPOUT = True        # bench.py flips it to time torch's own dropout
+
+
+def keep_mask(shape, p: float, device=None) -> tuple:
+    """(bool mask, True with probability 1 - p', scale 1 / (1 - p')), p' = round(p * 2^16) / 2^16: a 16-bit
+    lane of a full-range random 64-bit word is uniform over the int16 values; drop the lowest p' of them."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)
+    dropped = round(p * 65536)
+    return (words.view(torch.int16)[:n] >= dropped - 32768).view(shape), 65536 / (65536 - dropped)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or not CPU_RAND_DROPOUT:
+    if x.device.type != "cpu" or not CPU_RAND_DROPOUT or p >= 1.0:
         return F.dropout(x, p, True)
-    keep = torch.rand(x.shape, device=x.device) >= p
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+    keep, scale = keep_mask(x.shape, p, x.device)
+    if x.dtype == torch.float32:
+        return x * (keep * scale)                      # one mask tensor: one pass forward, one backward
+    return x * keep.to(x.dtype) * scale              # in bf16, scale in fp32 arithmetic (not rounded to bf16)
 
 
 class Dropout(nn.Dropout):
@@ -774,7 +787,8 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Pre-LN: x += Attn(LN(x)); x += FFN(LN(x))."""
+    """Pre-LN: x += Attn(LN(x)); x += FFN(LN(x)). x (N, D): the valid positions of a batch (`Packed`);
+    the attention runs on the padded (B, T) layout, everything else on the valid rows only."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -782,8 +796,9 @@ class EncoderLayer(nn.Module):
         self.self_attn_layer_norm, self.final_layer_norm = LayerNorm(cfg.d_model), LayerNorm(cfg.d_model)
         self.ffn, self.dropout = FeedForward(cfg), Dropout(cfg.dropout)
 
-    def forward(self, x, pad_mask):
-        x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), key_pad_mask=pad_mask))
+    def forward(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
+        h = packed.unpack(self.self_attn_layer_norm(x))
+        x = x + self.dropout(packed.pack(self.self_attn(h, key_pad_mask=packed.pad_mask)))
         return x + self.dropout(self.ffn(self.final_layer_norm(x)))
 
 
@@ -891,12 +906,13 @@ class SpeechTranslator(nn.Module):
         return self._embed(self.embed_tokens(tokens)), lens
 
     def encode(self, states: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-        """The shared encoder: (B, T, D) low-level states -> (B, T, D) high-level states."""
+        """The shared encoder: (B, T, D) low-level states -> (B, T, D) high-level states (0 on padding)."""
         pad_mask = lengths_to_padding_mask(lens, states.shape[1])
-        x = states
+        packed = Packed(pad_mask if pad_mask.any() else None, *states.shape[:2])
+        x = packed.pack(states)
         for layer in self.encoder_layers:
-            x = layer(x, pad_mask)
-        return self.encoder_layer_norm(x)
+            x = layer(x, packed)
+        return packed.unpack(self.encoder_layer_norm(x))
 
     def decode(self, prev_tokens: torch.Tensor, enc: torch.Tensor, enc_lens: torch.Tensor,
                cache: list | None = None, offset: int = 0) -> torch.Tensor:

@@ -85,10 +85,12 @@ def test_hugging_face_and_mfu_rows_run(capsys):
     n_shared = sum(p.numel() for n, p in ours.named_parameters() if n.startswith(("encoder_layers.", "encoder_layer_norm.")))
     n_ours, n_hf = (sum(p.numel() for p in m.parameters()) for m in (ours, hf))
     assert 0.9 < (n_ours - n_shared) / n_hf < 1.1
+    same = bench._hf_pair("tiny", shared_encoder=False)[0]        # the like-for-like row: HF's architecture
+    assert not same.encoder_layers and 0.9 < sum(p.numel() for p in same.parameters()) / n_hf < 1.1
     rows = bench.bench_hf_step(cfg, reps=1, presets=("tiny",))
-    assert _finite(rows) and len(rows) == 4
+    assert _finite(rows) and len(rows) == 6
     rows = bench.bench_generate(cfg, length=4, reps=1, presets=("tiny",))
-    assert _finite(rows) and "4 tokens/sentence" in rows[0][0] and "4 tokens/sentence" in rows[1][0]
+    assert _finite(rows) and len(rows) == 3 and all("4 tokens" in name for name, _, _ in rows)
     rows = bench.bench_mfu(cfg, reps=1, presets=("tiny",))
     assert len(rows) == 1 and rows[0][1] > 0 and 0 < rows[0][2] < 1.5
     out = capsys.readouterr().out

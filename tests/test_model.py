@@ -413,6 +413,11 @@ def test_cpu_dropout_keeps_one_minus_p_rescaled_and_its_gradient_follows_the_mas
         y.float().sum().backward()
         assert torch.equal(x.grad != 0, kept)
     assert model.dropout(x, 0.1, False) is x and model.dropout(x, 0.0, True) is x
+    # the 16-bit mask: every lane of the random words is uniform (a 63-bit draw would bias the fourth lane)
+    keep, scale = model.keep_mask((400_000, 4), 0.3)
+    rates = keep.float().mean(0)
+    assert torch.allclose(rates, torch.full((4,), 0.7), atol=0.003), rates
+    assert scale == 65536 / (65536 - round(0.3 * 65536)) and model.keep_mask((5,), 0.5)[0].shape == (5,)
 
 
 def test_attention_spelled_out_for_cpu_dropout_equals_sdpa():
