@@ -14,13 +14,13 @@ attention: scaled_dot_product_attention forward+backward in bf16 at the tiny mod
 math path (what model.py uses for bf16 training on a CPU) against the kernel torch picks by default.
 train_step: one optimiser step of the main job's tiny model (const, a typical 26-utterance batch):
 the levers of the main job (no FFN activation dropout, the SDPA math path, one stacked decoder pass
-for ST+ASR+MT, dropout masks from torch.rand instead of bernoulli_, bf16 where the probe measures it
-faster) against the same step without each of them.
+for ST+ASR+MT, dropout masks from 16-bit random lanes (model.keep_mask) instead of bernoulli_, bf16
+where the probe measures it faster) against the same step without each of them.
 precision: that step in fp32 and in bf16 autocast, and what train.py's bf16=auto probe picks here.
-hf_step: one optimiser step of our model with the papers' front end (wav2vec2) against Hugging Face's
-SpeechEncoderDecoderModel of the same size (Wav2Vec2Model + MBartForCausalLM), tiny and base shapes,
-fp32 and bf16, the same audio and targets.
-generate: beam 5 from audio on those two models, both forced to the same number of tokens.
+hf_step: one optimiser step of our model with the papers' front end (wav2vec2), and of ours with HF's
+architecture (no shared encoder), against Hugging Face's SpeechEncoderDecoderModel of the same size
+(Wav2Vec2Model + MBartForCausalLM), tiny and base shapes, fp32 and bf16, the same audio and targets.
+generate: beam 5 from audio on those three models, all forced to the same number of tokens.
 mfu: FLOPs of the tiny and base training steps (torch.utils.flop_counter) per second, divided by a
 2048 x 2048 matrix product's FLOP/s measured in the same run and precision.
 """

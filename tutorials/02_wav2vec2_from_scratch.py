@@ -357,20 +357,27 @@ def stage_modules(net):
 
 
 def record(net, run):
-    """Run `run()` and return {stage: (B, T, C) output} from forward hooks on `net`."""
-    got = {}
+    """Run `run()` and return {stage: (B, T, C) output} from forward hooks on `net`. Ours runs its convolutions
+    one utterance at a time (their outputs are concatenated here) and its Transformer on the valid frames
+    packed as (N, C) (`model.Packed`, unpacked here with the packing its layers received)."""
+    got, packing = {}, []
 
     def hook(name):
         def fn(module, inputs, output):
             out = output[0] if isinstance(output, tuple) else output
-            got[name] = out.transpose(1, 2) if name.startswith("conv") else out   # conv outputs are (B, C, T)
+            if name.startswith("conv"):
+                got.setdefault(name, []).append(out.transpose(1, 2))     # conv outputs are (B, C, T)
+            else:
+                got[name] = out
+            packing.extend(x for x in inputs if isinstance(x, M.Packed))
         return fn
     handles = [m.register_forward_hook(hook(s)) for s, m in zip(STAGES, stage_modules(net))]
     with torch.no_grad():
         run()
     for h in handles:
         h.remove()
-    return got
+    got = {k: torch.cat(v) if isinstance(v, list) else v for k, v in got.items()}
+    return {k: packing[0].unpack(v) if v.dim() == 2 else v for k, v in got.items()}
 
 
 def valid_frames(stage: str, n_samples: int) -> int:
