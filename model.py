@@ -293,10 +293,11 @@ class Packed:
     """The valid rows of a padded batch (B, T, ...) as one matrix (N, ...), N = the number of valid frames.
     Token-wise layers (projections, feed-forward, layer norm, dropout) then do no work on padding (a
     quarter of the frames of a batch of 1.6-3 s utterances); attention, which needs the (B, T) layout,
-    unpacks its queries, keys and values and packs its output. pad_mask (B, T) True on padding; None: no
-    padding, and pack / unpack are reshapes."""
+    unpacks its queries, keys and values and packs its output. pad_mask (B, T) True on padding; None (or
+    no True): no padding, and pack / unpack are reshapes."""
 
     def __init__(self, pad_mask: torch.Tensor | None, B: int, T: int):
+        pad_mask = pad_mask if pad_mask is not None and bool(pad_mask.any()) else None
         self.pad_mask, self.B, self.T = pad_mask, B, T
         self.index = None if pad_mask is None else (~pad_mask).flatten().nonzero().squeeze(1)
 
@@ -358,7 +359,7 @@ class Wav2Vec2FeatureEncoder(nn.Module):
     def forward(self, audio: torch.Tensor, lens: torch.Tensor | None = None) -> torch.Tensor:
         # One utterance at a time: oneDNN runs these convolutions (forward and backward) 1.7x faster over
         # one padded utterance than over the batch at the tiny shapes in fp32, 1.1-1.2x at the others
-        # (/tmp timing in the note of issue 11). Every utterance keeps the batch's padded length, so no new
+        # (measured in the closing note of issue 11). Every utterance keeps the batch's padded length, so no new
         # kernel is built per utterance (a new shape costs ~4x a run).
         mask = None
         if lens is not None and bool((lens < audio.shape[1]).any()):
@@ -908,7 +909,7 @@ class SpeechTranslator(nn.Module):
     def encode(self, states: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """The shared encoder: (B, T, D) low-level states -> (B, T, D) high-level states (0 on padding)."""
         pad_mask = lengths_to_padding_mask(lens, states.shape[1])
-        packed = Packed(pad_mask if pad_mask.any() else None, *states.shape[:2])
+        packed = Packed(pad_mask, *states.shape[:2])
         x = packed.pack(states)
         for layer in self.encoder_layers:
             x = layer(x, packed)
