@@ -12,6 +12,8 @@ sinkhorn: sinkhorn_knopp and multi_assignment_sinkhorn (and its direct K x N x K
 POT's ot.sinkhorn on the same N x K cosine scores, the same number of iterations.
 attention: scaled_dot_product_attention forward+backward in bf16 at the tiny model's shapes, the
 math path (what model.py uses for bf16 training on a CPU) against the kernel torch picks by default.
+pos_conv: wav2vec2's positional convolution (kernel 64 or 128, 16 groups) forward+backward, F.conv1d in
+bf16 against the same product by FFT (model.GroupedConv1dFFT), and which one model.py's cost rule picks.
 train_step: one optimiser step of the main job's tiny model (const, a typical 26-utterance batch):
 the levers of the main job (no FFN activation dropout, the SDPA math path, one stacked decoder pass
 for ST+ASR+MT, dropout masks from 16-bit random lanes (model.keep_mask) instead of bernoulli_, bf16
@@ -43,7 +45,7 @@ import demo_corpus
 
 @dataclass
 class BenchConfig:
-    only: str = ""                  # run one: data | wav2vec2 | decode | sinkhorn | attention | train_step | precision
+    only: str = ""                  # run one: data | wav2vec2 | decode | sinkhorn | attention | pos_conv | train_step | precision
                                     # | hf_step | generate | mfu
     data: str = ""                  # an en-XX folder; default: a fresh demo corpus
     segments: int = 2000            # size of that fresh demo corpus (train split)
@@ -194,6 +196,41 @@ def bench_attention(cfg: BenchConfig, reps: int = 20) -> list:
         rows += [(f"{name}: math path", t_math * 1e3, t_auto / t_math), (f"{name}: default kernel", t_auto * 1e3, 1.0)]
     _table(f"attention, bf16 forward + backward, (B, 4 heads, L, T, 64), {torch.get_num_threads()} threads "
            f"(higher ratio = faster)", rows, "ms")
+    return rows
+
+
+def bench_pos_conv(cfg: BenchConfig, reps: int = 5) -> list:
+    """wav2vec2's positional convolution, forward + backward: F.conv1d in bf16 against the FFT path
+    (model.GroupedConv1dFFT, fp32) at the tiny preset's and base's shapes; the last column is what
+    model.positional_conv's cost rule picks."""
+    import torch.nn.functional as F
+    import model
+    torch.manual_seed(0)
+    rows = []
+    for name, (B, C, T, K) in {"tiny, 26 x 3 s": (26, 256, 148, 64), "base, 4 x 4 s": (4, 768, 194, 128),
+                               "base, 8 x 3 s": (8, 768, 150, 128), "base, 16 x 8 s": (16, 768, 400, 128)}.items():
+        x, w, b = (torch.randn(*s, requires_grad=True) for s in ((B, C, T), (C, C // 16, K), (C,)))
+        g = torch.randn(B, C, T)
+
+        def step(conv):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = conv()
+            y.float().backward(g)
+        direct = lambda: F.conv1d(x, w, b, padding=K // 2, groups=16)[..., :T]
+        t_direct, t_fft = _time_interleaved([lambda: step(direct), lambda: step(lambda: model.GroupedConv1dFFT.apply(x, w, b, 16))], reps)
+        calls = []
+        real, model.GroupedConv1dFFT.apply = model.GroupedConv1dFFT.apply, lambda *a: calls.append(1)
+        try:
+            model.positional_conv(x, w, b, 16)
+        finally:
+            model.GroupedConv1dFFT.apply = real
+        pick = "FFT" if calls else "conv1d"
+        rows += [(f"{name}: conv1d, bf16", t_direct * 1e3, 1.0),
+                 (f"{name}: FFT (fp32){' <- picked' if calls else ''}", t_fft * 1e3, t_direct / t_fft)]
+        if not calls:
+            rows[-2] = (rows[-2][0] + " <- picked", *rows[-2][1:])
+    _table(f"positional convolution (16 groups), forward + backward, {torch.get_num_threads()} threads "
+           f"(ratio = conv1d's time / this time)", rows, "ms")
     return rows
 
 
@@ -442,7 +479,7 @@ def main():
     cfg = BenchConfig(**vars(p.parse_args()))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     benches = {"data": bench_data, "wav2vec2": bench_wav2vec2, "decode": bench_decode, "sinkhorn": bench_sinkhorn,
-               "attention": bench_attention, "train_step": bench_train_step, "precision": bench_precision,
+               "attention": bench_attention, "pos_conv": bench_pos_conv, "train_step": bench_train_step, "precision": bench_precision,
                "hf_step": bench_hf_step, "generate": bench_generate, "mfu": bench_mfu}
     for name, run in benches.items():
         if cfg.only in ("", name):

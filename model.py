@@ -388,6 +388,71 @@ class Wav2Vec2FeatureProjection(nn.Module):
         return self.dropout(self.projection(self.layer_norm(x)))
 
 
+# wav2vec2's positional convolution (kernel 128, 16 groups) is oneDNN's slowest convolution: 50-120 GFLOP/s in
+# bf16 on one core where a matrix product reaches 510. By the convolution theorem the same product is, per frequency of a
+# real FFT, a (C/G x C/G) matrix times the spectra of the batch: ~TK/4n times fewer multiplications, but the
+# kernel's spectrum (C x C/G x n/2 complex numbers) is a fixed cost. `bench.py --only pos_conv` (forward +
+# backward, bf16 convolution against the fp32 FFT path, one core): 3.5x faster for the tiny preset's 26 x 3 s,
+# 1.8x and 2.6x for base's 8 x 3 s and 16 x 8 s, 0.88x (slower) for base's 4 x 4 s. The rule in
+# positional_conv is that cost model, fitted to those shapes.
+CPU_FFT_POS_CONV = True        # False: always F.conv1d (what Hugging Face runs)
+
+
+def fft_length(m: int) -> int:
+    """The smallest 2^a 3^b 5^c >= m: a length the real FFT does fast without padding to a power of two."""
+    n = m
+    while True:
+        r = n
+        for f in (2, 3, 5):
+            while r % f == 0:
+                r //= f
+        if r == 1:
+            return n
+        n += 1
+
+
+class GroupedConv1dFFT(torch.autograd.Function):
+    """y[b, o, t] = bias[o] + sum_{i,k} w[o, i, k] x[b, g(o) Ci + i, t + k - K//2], t < T: F.conv1d(x, w, bias,
+    padding=K//2, groups=G)[..., :T] computed in fp32 as Y(f) = W(f) X(f) per group and frequency, with W the
+    spectrum of the flipped kernel (a correlation is a convolution with the kernel reversed). The gradients
+    are the adjoint products: gX(f) = W(f)^H gY(f), gW(f) = gY(f) X(f)^H (summed over the batch).
+    x (B, C, T), w (C, C/G, K), bias (C,) -> (B, C, T) in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, groups: int):
+        (B, C, T), K, G = x.shape, w.shape[-1], groups
+        n, s = fft_length(T + K - 1), K - 1 - K // 2            # no wrap-around; output t sits at s + t
+        with torch.autocast(x.device.type, enabled=False):     # the complex products stay in fp32
+            X = torch.fft.rfft(x.float(), n).view(B, G, C // G, -1).permute(1, 3, 2, 0)         # (G, F, Ci, B)
+            W = torch.fft.rfft(w.float().flip(-1), n).view(G, C // G, C // G, -1).permute(0, 3, 1, 2)  # (G, F, Co, Ci)
+            Y = (W @ X).permute(3, 0, 2, 1).reshape(B, C, -1)                                   # (B, C, F)
+            y = torch.fft.irfft(Y, n)[..., s:s + T] + bias.float()[:, None]
+        ctx.save_for_backward(X, W)
+        ctx.dims = (B, C, T, K, G, n, s, x.dtype)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        X, W = ctx.saved_tensors
+        B, C, T, K, G, n, s, dtype = ctx.dims
+        GY = torch.fft.rfft(F.pad(gy.float(), (s, 0)), n).view(B, G, C // G, -1).permute(1, 3, 2, 0)  # (G, F, Co, B)
+        gx = torch.fft.irfft((W.mT.conj() @ GY).permute(3, 0, 2, 1).reshape(B, C, -1), n)[..., :T]
+        GW = (GY @ X.mT.conj()).permute(0, 2, 3, 1).reshape(C, C // G, -1)                  # (C, Ci, F)
+        gw = torch.fft.irfft(GW, n)[..., :K].flip(-1)
+        return gx.to(dtype), gw, gy.float().sum((0, 2)), None
+
+
+def positional_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, C, T) -> (B, C, T): the grouped 'same' convolution, by FFT on a CPU where the cost model says so."""
+    (B, C, T), K = x.shape, w.shape[-1]
+    n = fft_length(T + K - 1)
+    # direct ~ B T K per channel pair; FFT ~ n (B + 20) (20: the kernel's spectrum); 15: bf16 convolution's
+    # speed over the FFT path's per element, measured (see above). fp32 convolutions are slower still.
+    if CPU_FFT_POS_CONV and x.device.type == "cpu" and B * T * K > 15 * n * (B + 20):
+        return GroupedConv1dFFT.apply(x, w, bias, groups)
+    return F.conv1d(x, w, bias, padding=K // 2, groups=groups)[..., :T]   # an even K yields one frame too many
+
+
 class Wav2Vec2PositionalConvEmbedding(nn.Module):
     """Relative positions from a wide grouped convolution with weight norm over the kernel axis."""
 
@@ -396,12 +461,9 @@ class Wav2Vec2PositionalConvEmbedding(nn.Module):
         k = cfg.num_conv_pos_embeddings
         conv = nn.Conv1d(cfg.hidden_size, cfg.hidden_size, k, padding=k // 2, groups=cfg.num_conv_pos_embedding_groups)
         self.conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
-        self.trim = 1 if k % 2 == 0 else 0        # an even kernel yields one frame too many
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, T, D) -> (B, T, D)
-        y = self.conv(x.transpose(1, 2))
-        if self.trim:
-            y = y[:, :, :-self.trim]
+        y = positional_conv(x.transpose(1, 2), self.conv.weight, self.conv.bias, self.conv.groups)
         return F.gelu(y).transpose(1, 2)
 
 

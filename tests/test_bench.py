@@ -11,6 +11,8 @@ def _finite(rows):
 def test_attention_train_step_and_precision_rows_run(capsys):
     cfg = bench.BenchConfig()
     assert _finite(bench.bench_attention(cfg, reps=1))
+    rows = bench.bench_pos_conv(cfg, reps=1)
+    assert _finite(rows) and len(rows) == 8 and sum("<- picked" in name for name, _, _ in rows) == 4
     rows = bench.bench_train_step(cfg, reps=1)
     assert _finite(rows) and len(rows) == 7 and rows[0][2] == 1.0
     assert _finite(bench.bench_precision(cfg, reps=1))

@@ -458,3 +458,36 @@ def test_thread_invariant_layer_norm_and_conv_equal_torchs(bf16):
             results.append([y.float(), xi.grad, *(p.grad.clone() for p in ours.parameters())])
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("kernel", [16, 15])
+def test_positional_convolution_by_fft_equals_the_direct_one(kernel):
+    """GroupedConv1dFFT (the convolution theorem) gives F.conv1d's 'same' output and its three gradients
+    for even and odd kernels; under bf16 autocast it returns bf16 like the convolution it replaces; and the
+    cost rule sends the tiny preset's training shape to it and base's 4-utterance batch to the convolution."""
+    torch.manual_seed(0)
+    B, C, T, G = 3, 48, 37, 4
+    x, w, b = torch.randn(B, C, T), torch.randn(C, C // G, kernel) * 0.1, torch.randn(C)
+    g = torch.randn(B, C, T)
+    grads = []
+    for conv in (lambda *a: torch.nn.functional.conv1d(*a, padding=kernel // 2, groups=G)[..., :T],
+                 lambda *a: model.GroupedConv1dFFT.apply(*a, G)):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = conv(*leaves)
+        assert y.shape == (B, C, T)
+        (y * g).sum().backward()
+        grads.append([y.detach(), *(t.grad for t in leaves)])
+    for ref, ours in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.GroupedConv1dFFT.apply(x.bfloat16(), w, b, G).dtype == torch.bfloat16
+    assert [model.fft_length(m) for m in (7, 11, 211, 321)] == [8, 12, 216, 324]
+    calls = []
+    real = model.GroupedConv1dFFT.apply
+    try:
+        model.GroupedConv1dFFT.apply = lambda *a: calls.append(a[0].shape) or real(*a)
+        for shape, k in (((26, 256, 148), 64), ((4, 768, 194), 128)):
+            model.positional_conv(torch.randn(shape), torch.randn(shape[1], shape[1] // 16, k), torch.randn(shape[1]), 16)
+    finally:
+        model.GroupedConv1dFFT.apply = real
+    assert calls == [(26, 256, 148)]
