@@ -1,6 +1,7 @@
 """The paper's recipe path on a CPU: the `base` preset (wav2vec2 base, 150M parameters) with the paper's
 settings (wav2vec2 front end, ASR re-encoding, gradient accumulation 2, wav2vec2 frozen for the first
-updates), a few steps on the tiny corpus, so that a GPU user meets no bug that a CPU could have found."""
+updates), a few steps on the tiny corpus (finite and falling losses, checkpoint, exact resume), so that a
+GPU user meets no bug that a CPU could have found."""
 import math
 
 import torch
@@ -23,6 +24,8 @@ def test_base_recipe_trains_freezes_wav2vec2_and_resumes_exactly(tiny_corpus, tm
     whole = train.train(cfg)
     assert len(whole["history"]) == 4
     assert all(math.isfinite(v) for h in whole["history"] for v in h.values())
+    first, last = whole["history"][0], whole["history"][-1]
+    assert all(last[task] < 0.8 * first[task] for task in ("st", "asr", "mt")), (first, last)   # it learns
     one = train.train(base_config(tiny_corpus, tmp_path / "c", max_steps=1))
     two = train.train(base_config(tiny_corpus, tmp_path / "b", max_steps=2))
     step1 = M.load_checkpoint(tmp_path / "c" / "last.pt")["model"]
