@@ -92,7 +92,8 @@ def test_hugging_face_and_mfu_rows_run(capsys):
     rows = bench.bench_hf_step(cfg, reps=1, presets=("tiny",))
     assert _finite(rows) and len(rows) == 6
     rows = bench.bench_generate(cfg, length=4, reps=1, presets=("tiny",))
-    assert _finite(rows) and len(rows) == 3 and all("4 tokens" in name for name, _, _ in rows)
+    assert _finite(rows) and len(rows) == 4 and all("4 tokens" in name for name, _, _ in rows if "alone" not in name)
+    assert rows[2][2] < rows[1][2]                   # the encoder alone takes less than the search it starts
     rows = bench.bench_mfu(cfg, reps=1, presets=("tiny",))
     assert len(rows) == 1 and rows[0][1] > 0 and 0 < rows[0][2] < 1.5
     out = capsys.readouterr().out
