@@ -1086,7 +1086,7 @@ class SpeechTranslator(nn.Module):
         scores = torch.zeros(B, K, device=device)
         scores[:, 1:] = float("-inf")             # all beams start identical: keep one
         finished = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=device)
+        done = [False] * B
         cache = [] if use_cache else None
         logits = self.decode(tokens, enc, enc_lens, cache) if use_cache else None
         for step in range(int(max_lens.max()) + 1):
@@ -1104,33 +1104,33 @@ class SpeechTranslator(nn.Module):
             cand = (scores.view(B * K, 1) + logp).view(B, K * V)
             top_scores, top_idx = cand.topk(2 * K, dim=1)                      # (B, 2K)
             beam_idx, tok = top_idx // V, top_idx % V
-            new_scores = torch.full((B, K), float("-inf"), device=device)
-            new_src = torch.zeros(B, K, dtype=torch.long, device=device)
-            new_tok = torch.full((B, K), PAD_ID, dtype=torch.long, device=device)
-            for b in range(B):
+            # the bookkeeping in Python lists: one copy of the candidates per step, not one .item() per number
+            new_scores = [[float("-inf")] * K for _ in range(B)]
+            new_src, new_tok = [[0] * K for _ in range(B)], [[PAD_ID] * K for _ in range(B)]
+            cands = zip(top_scores.tolist(), beam_idx.tolist(), tok.tolist())
+            for b, (s_b, bi_b, t_b) in enumerate(cands):
                 if done[b]:
-                    new_src[b] = b * K            # keep shapes; the sentence is finished
+                    new_src[b] = [b * K] * K      # keep shapes; the sentence is finished
                     continue
                 kept = 0
-                for j in range(2 * K):
-                    s, bi, t = top_scores[b, j].item(), beam_idx[b, j].item(), tok[b, j].item()
+                for s, bi, t in zip(s_b, bi_b, t_b):
                     if s == float("-inf"):
                         break
                     if t == EOS_ID:
                         hyp = tokens[b * K + bi, 2:].tolist()
                         finished[b].append((s / (len(hyp) + 1) ** len_penalty, hyp))
                     else:
-                        new_scores[b, kept], new_src[b, kept], new_tok[b, kept] = s, b * K + bi, t
+                        new_scores[b][kept], new_src[b][kept], new_tok[b][kept] = s, b * K + bi, t
                         kept += 1
                     if kept == K:
                         break
                 if len(finished[b]) >= K or kept == 0:
                     done[b] = True
-            if done.all():
+            if all(done):
                 break
-            order = new_src.view(-1)
-            tokens = torch.cat([tokens.index_select(0, order), new_tok.view(-1, 1)], dim=1)
-            scores = new_scores
+            order = torch.tensor(new_src, device=device).view(-1)
+            tokens = torch.cat([tokens.index_select(0, order), torch.tensor(new_tok, device=device).view(-1, 1)], dim=1)
+            scores = torch.tensor(new_scores, device=device)
             if use_cache:
                 self._reorder(cache, order)
         return [max(f)[1] if f else [] for f in finished]
