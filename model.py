@@ -446,9 +446,11 @@ def positional_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, groups
     """(B, C, T) -> (B, C, T): the grouped 'same' convolution, by FFT on a CPU where the cost model says so."""
     (B, C, T), K = x.shape, w.shape[-1]
     n = fft_length(T + K - 1)
-    # direct ~ B T K per channel pair; FFT ~ n (B + 20) (20: the kernel's spectrum); 15: bf16 convolution's
-    # speed over the FFT path's per element, measured (see above). fp32 convolutions are slower still.
-    if CPU_FFT_POS_CONV and x.device.type == "cpu" and B * T * K > 15 * n * (B + 20):
+    # Per channel pair: direct ~ B T K / speed, FFT ~ n (B + 20) (20: the kernel's spectrum). 15: the bf16
+    # convolution's speed with 48 channels per group over the FFT path's, per element; with 16 channels per
+    # group (tiny) oneDNN runs at 40 % of that (bench.py --only pos_conv); fp32 convolutions are slower still.
+    speed = 15 if w.shape[1] > 16 else 15 * 0.4
+    if CPU_FFT_POS_CONV and x.device.type == "cpu" and B * T * K > speed * n * (B + 20):
         return GroupedConv1dFFT.apply(x, w, bias, groups)
     return F.conv1d(x, w, bias, padding=K // 2, groups=groups)[..., :T]   # an even K yields one frame too many
 

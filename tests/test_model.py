@@ -464,7 +464,7 @@ def test_thread_invariant_layer_norm_and_conv_equal_torchs(bf16):
 def test_positional_convolution_by_fft_equals_the_direct_one(kernel):
     """GroupedConv1dFFT (the convolution theorem) gives F.conv1d's 'same' output and its three gradients
     for even and odd kernels; under bf16 autocast it returns bf16 like the convolution it replaces; and the
-    cost rule sends the tiny preset's training shape to it and base's 4-utterance batch to the convolution."""
+    cost rule sends the tiny preset's batches and base's long ones to it, base's short batches to the convolution."""
     torch.manual_seed(0)
     B, C, T, G = 3, 48, 37, 4
     x, w, b = torch.randn(B, C, T), torch.randn(C, C // G, kernel) * 0.1, torch.randn(C)
@@ -486,8 +486,9 @@ def test_positional_convolution_by_fft_equals_the_direct_one(kernel):
     real = model.GroupedConv1dFFT.apply
     try:
         model.GroupedConv1dFFT.apply = lambda *a: calls.append(a[0].shape) or real(*a)
-        for shape, k in (((26, 256, 148), 64), ((4, 768, 194), 128)):
+        for shape, k in (((26, 256, 148), 64), ((8, 256, 125), 64), ((4, 768, 194), 128), ((1, 768, 300), 128),
+                         ((16, 768, 400), 128)):
             model.positional_conv(torch.randn(shape), torch.randn(shape[1], shape[1] // 16, k), torch.randn(shape[1]), 16)
     finally:
         model.GroupedConv1dFFT.apply = real
-    assert calls == [(26, 256, 148)]
+    assert calls == [(26, 256, 148), (8, 256, 125), (16, 768, 400)]
