@@ -218,7 +218,8 @@ def bench_pos_conv(cfg: BenchConfig, reps: int = 5) -> list:
                 y = conv()
             y.float().backward(g)
         direct = lambda: F.conv1d(x, w, b, padding=K // 2, groups=16)[..., :T]
-        t_direct, t_fft = _time_interleaved([lambda: step(direct), lambda: step(lambda: model.GroupedConv1dFFT.apply(x, w, b, 16))], reps)
+        fft = lambda: model.GroupedConv1dFFT.apply(x, w, b, 16)
+        t_direct, t_fft = _time_interleaved([lambda: step(direct), lambda: step(fft)], reps)
         calls = []
         real, model.GroupedConv1dFFT.apply = model.GroupedConv1dFFT.apply, lambda *a: calls.append(1)
         try:

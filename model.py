@@ -388,13 +388,13 @@ class Wav2Vec2FeatureProjection(nn.Module):
         return self.dropout(self.projection(self.layer_norm(x)))
 
 
-# wav2vec2's positional convolution (kernel 128, 16 groups) is oneDNN's slowest convolution: 50-120 GFLOP/s in
-# bf16 on one core where a matrix product reaches 510. By the convolution theorem the same product is, per frequency of a
-# real FFT, a (C/G x C/G) matrix times the spectra of the batch: ~TK/4n times fewer multiplications, but the
-# kernel's spectrum (C x C/G x n/2 complex numbers) is a fixed cost. `bench.py --only pos_conv` (forward +
-# backward, bf16 convolution against the fp32 FFT path, one core): 3.5x faster for the tiny preset's 26 x 3 s,
-# 1.8x and 2.6x for base's 8 x 3 s and 16 x 8 s, 0.88x (slower) for base's 4 x 4 s. The rule in
-# positional_conv is that cost model, fitted to those shapes.
+# wav2vec2's positional convolution (kernel 128, 16 groups) is oneDNN's slowest convolution: 50-120 GFLOP/s
+# in bf16 on one core, where a matrix product reaches 510. By the convolution theorem the same product is, per
+# frequency of a real FFT, a (C/G x C/G) matrix times the spectra of the batch: ~TK/4n times fewer
+# multiplications, but the kernel's spectrum (C x C/G x n/2 complex numbers) is a fixed cost. `bench.py --only
+# pos_conv` (forward + backward, bf16 convolution against the fp32 FFT path, one core): 2.8-3.5x faster for the
+# tiny preset's 26 x 3 s, 1.3-1.8x and 2.6-3.0x for base's 8 x 3 s and 16 x 8 s, 0.84-0.88x (slower) for
+# base's 4 x 4 s. The rule in positional_conv is that cost model, fitted to those shapes.
 CPU_FFT_POS_CONV = True        # False: always F.conv1d (what Hugging Face runs)
 
 

@@ -488,7 +488,8 @@ def test_positional_convolution_by_fft_equals_the_direct_one(kernel):
         model.GroupedConv1dFFT.apply = lambda *a: calls.append(a[0].shape) or real(*a)
         for shape, k in (((26, 256, 148), 64), ((8, 256, 125), 64), ((4, 768, 194), 128), ((1, 768, 300), 128),
                          ((16, 768, 400), 128)):
-            model.positional_conv(torch.randn(shape), torch.randn(shape[1], shape[1] // 16, k), torch.randn(shape[1]), 16)
+            c = shape[1]
+            model.positional_conv(torch.randn(shape), torch.randn(c, c // 16, k), torch.randn(c), 16)
     finally:
         model.GroupedConv1dFFT.apply = real
     assert calls == [(26, 256, 148), (8, 256, 125), (16, 768, 400)]
