@@ -493,3 +493,26 @@ def test_positional_convolution_by_fft_equals_the_direct_one(kernel):
     finally:
         model.GroupedConv1dFFT.apply = real
     assert calls == [(26, 256, 148), (8, 256, 125), (16, 768, 400)]
+
+
+def test_wav2vec2_with_the_fft_positional_convolution_equals_the_direct_one(monkeypatch):
+    """Inside wav2vec2 (weight norm, bias, layout): the tiny preset's forward and gradients are the same with
+    the FFT path taken and with model.CPU_FFT_POS_CONV off (F.conv1d, what Hugging Face runs)."""
+    torch.manual_seed(0)
+    cfg = model.model_config("tiny").w2v
+    w2v = Wav2Vec2Model(Wav2Vec2Config(**{**cfg.__dict__, "hidden_dropout": 0.0, "attention_dropout": 0.0,
+                                          "feat_proj_dropout": 0.0})).train()
+    audio, lens = torch.randn(8, 32000), torch.tensor([32000, 30000, 28000, 26000, 24000, 22000, 20000, 18000])
+    calls = []
+    real = model.GroupedConv1dFFT.apply
+    monkeypatch.setattr(model.GroupedConv1dFFT, "apply", lambda *a: calls.append(1) or real(*a))
+    runs = []
+    for fft in (True, False):
+        monkeypatch.setattr(model, "CPU_FFT_POS_CONV", fft)
+        w2v.zero_grad()
+        y, _ = w2v(audio, lens)
+        y.pow(2).mean().backward()
+        runs.append([y.detach(), *(p.grad.clone() for p in w2v.encoder.pos_conv_embed.parameters())])
+    assert calls == [1]
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
