@@ -360,21 +360,34 @@ class Wav2Vec2FeatureEncoder(nn.Module):
         # One utterance at a time: oneDNN runs these convolutions (forward and backward) 1.7x faster over
         # one padded utterance than over the batch at the tiny shapes in fp32, 1.1-1.2x at the others
         # (measured in the closing note of issue 11). Every utterance keeps the batch's padded length, so no new
-        # kernel is built per utterance (a new shape costs ~4x a run).
+        # kernels are built per utterance (with own lengths, 26 utterances overflow oneDNN's primitive cache and
+        # the tiny step runs 2x slower).
         mask = None
         if lens is not None and bool((lens < audio.shape[1]).any()):
             mask = lengths_to_padding_mask(conv_out_lengths(lens, self.cfg.conv_kernel[:1], self.cfg.conv_stride[:1]),
                                            conv_out_lengths(torch.tensor(audio.shape[1]), self.cfg.conv_kernel[:1],
                                                             self.cfg.conv_stride[:1]).item())
+        # The short late layers run better over the whole batch (oneDNN on one utterance of a few hundred
+        # frames is mostly overhead): from the first layer whose batch output is at most 2M numbers on.
+        B, T = audio.shape[0], audio.shape[1]
+        n_apart = len(self.conv_layers)
+        for i, (k, s, c) in enumerate(zip(self.cfg.conv_kernel, self.cfg.conv_stride, self.cfg.conv_dim)):
+            T = (T - k) // s + 1
+            if i > 0 and B * c * T <= 2_000_000:     # layer 0 stays apart: its norm is per utterance
+                n_apart = i
+                break
         parts = []
         for b, x in enumerate(audio[:, None].split(1)):
-            for i, layer in enumerate(self.conv_layers):
+            for i, layer in enumerate(self.conv_layers[:n_apart]):
                 x = layer.conv(x)
                 if i == 0:
                     x = masked_group_norm(x, layer.layer_norm, None if mask is None else mask[b:b + 1])
                 x = F.gelu(x)
             parts.append(x)
-        return torch.cat(parts)
+        x = torch.cat(parts)
+        for layer in self.conv_layers[n_apart:]:
+            x = F.gelu(layer.conv(x))
+        return x
 
 
 class Wav2Vec2FeatureProjection(nn.Module):
