@@ -357,8 +357,8 @@ def stage_modules(net):
 
 
 def record(net, run):
-    """Run `run()` and return {stage: (B, T, C) output} from forward hooks on `net`. Ours runs its convolutions
-    one utterance at a time (their outputs are concatenated here) and its Transformer on the valid frames
+    """Run `run()` and return {stage: (B, T, C) output} from forward hooks on `net`. Ours runs its long early
+    convolutions one utterance at a time (their outputs are concatenated here) and its Transformer on the valid frames
     packed as (N, C) (`model.Packed`, unpacked here with the packing its layers received)."""
     got, packing = {}, []
 
