@@ -46,8 +46,8 @@ import demo_corpus
 
 @dataclass
 class BenchConfig:
-    only: str = ""                  # run one: data | wav2vec2 | decode | sinkhorn | attention | pos_conv | train_step | precision
-                                    # | hf_step | generate | mfu
+    only: str = ""                  # run one: data | wav2vec2 | decode | sinkhorn | attention | pos_conv
+                                    # | train_step | precision | hf_step | generate | mfu
     data: str = ""                  # an en-XX folder; default: a fresh demo corpus
     segments: int = 2000            # size of that fresh demo corpus (train split)
     max_seconds: float = 60.0       # padded audio per batch, as the CPU demo trains
@@ -202,8 +202,8 @@ def bench_attention(cfg: BenchConfig, reps: int = 20) -> list:
 
 def bench_pos_conv(cfg: BenchConfig, reps: int = 5) -> list:
     """wav2vec2's positional convolution, forward + backward: F.conv1d in bf16 against the FFT path
-    (model.GroupedConv1dFFT, fp32) at the tiny preset's and base's shapes; the last column is what
-    model.positional_conv's cost rule picks."""
+    (model.GroupedConv1dFFT, fp32) at the tiny preset's and base's shapes; '<- picked' marks what
+    model.fft_pays chooses."""
     import torch.nn.functional as F
     import model
     torch.manual_seed(0)
@@ -220,17 +220,9 @@ def bench_pos_conv(cfg: BenchConfig, reps: int = 5) -> list:
         direct = lambda: F.conv1d(x, w, b, padding=K // 2, groups=16)[..., :T]
         fft = lambda: model.GroupedConv1dFFT.apply(x, w, b, 16)
         t_direct, t_fft = _time_interleaved([lambda: step(direct), lambda: step(fft)], reps)
-        calls = []
-        real, model.GroupedConv1dFFT.apply = model.GroupedConv1dFFT.apply, lambda *a: calls.append(1)
-        try:
-            model.positional_conv(x, w, b, 16)
-        finally:
-            model.GroupedConv1dFFT.apply = real
-        pick = "FFT" if calls else "conv1d"
-        rows += [(f"{name}: conv1d, bf16", t_direct * 1e3, 1.0),
-                 (f"{name}: FFT (fp32){' <- picked' if calls else ''}", t_fft * 1e3, t_direct / t_fft)]
-        if not calls:
-            rows[-2] = (rows[-2][0] + " <- picked", *rows[-2][1:])
+        fft_picked = model.fft_pays(x, w)
+        rows += [(f"{name}: conv1d, bf16{'' if fft_picked else ' <- picked'}", t_direct * 1e3, 1.0),
+                 (f"{name}: FFT (fp32){' <- picked' if fft_picked else ''}", t_fft * 1e3, t_direct / t_fft)]
     _table(f"positional convolution (16 groups), forward + backward, {torch.get_num_threads()} threads "
            f"(ratio = conv1d's time / this time)", rows, "ms")
     return rows
@@ -486,7 +478,8 @@ def main():
     cfg = BenchConfig(**vars(p.parse_args()))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     benches = {"data": bench_data, "wav2vec2": bench_wav2vec2, "decode": bench_decode, "sinkhorn": bench_sinkhorn,
-               "attention": bench_attention, "pos_conv": bench_pos_conv, "train_step": bench_train_step, "precision": bench_precision,
+               "attention": bench_attention, "pos_conv": bench_pos_conv, "train_step": bench_train_step,
+               "precision": bench_precision,
                "hf_step": bench_hf_step, "generate": bench_generate, "mfu": bench_mfu}
     for name, run in benches.items():
         if cfg.only in ("", name):

@@ -369,13 +369,11 @@ class Wav2Vec2FeatureEncoder(nn.Module):
                                                             self.cfg.conv_stride[:1]).item())
         # The short late layers run better over the whole batch (oneDNN on one utterance of a few hundred
         # frames is mostly overhead): from the first layer whose batch output is at most 2M numbers on.
-        B, T = audio.shape[0], audio.shape[1]
-        n_apart = len(self.conv_layers)
-        for i, (k, s, c) in enumerate(zip(self.cfg.conv_kernel, self.cfg.conv_stride, self.cfg.conv_dim)):
-            T = (T - k) // s + 1
-            if i > 0 and B * c * T <= 2_000_000:     # layer 0 stays apart: its norm is per utterance
-                n_apart = i
-                break
+        B, S, cfg = audio.shape[0], torch.tensor(audio.shape[1]), self.cfg
+        outputs = [B * cfg.conv_dim[i] * conv_out_lengths(S, cfg.conv_kernel[:i + 1], cfg.conv_stride[:i + 1]).item()
+                   for i in range(len(cfg.conv_dim))]
+        # layer 0 stays apart: its norm is per utterance
+        n_apart = next((i for i in range(1, len(outputs)) if outputs[i] <= 2_000_000), len(outputs))
         parts = []
         for b, x in enumerate(audio[:, None].split(1)):
             for i, layer in enumerate(self.conv_layers[:n_apart]):
@@ -407,7 +405,7 @@ class Wav2Vec2FeatureProjection(nn.Module):
 # multiplications, but the kernel's spectrum (C x C/G x n/2 complex numbers) is a fixed cost. `bench.py --only
 # pos_conv` (forward + backward, bf16 convolution against the fp32 FFT path, one core): 2.8-3.5x faster for the
 # tiny preset's 26 x 3 s, 1.3-1.8x and 2.6-3.0x for base's 8 x 3 s and 16 x 8 s, 0.84-0.88x (slower) for
-# base's 4 x 4 s. The rule in positional_conv is that cost model, fitted to those shapes.
+# base's 4 x 4 s. fft_pays is that cost model, fitted to those shapes.
 CPU_FFT_POS_CONV = True        # False: always F.conv1d (what Hugging Face runs)
 
 
@@ -455,16 +453,21 @@ class GroupedConv1dFFT(torch.autograd.Function):
         return gx.to(dtype), gw, gy.float().sum((0, 2)), None
 
 
-def positional_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, C, T) -> (B, C, T): the grouped 'same' convolution, by FFT on a CPU where the cost model says so."""
+def fft_pays(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Does the FFT path beat F.conv1d for x (B, C, T) and w (C, C/G, K)? The cost model, per channel pair:
+    direct ~ B T K / speed, FFT ~ n (B + 20) (20: the kernel's spectrum). 15: the bf16 convolution's speed with
+    48 channels per group over the FFT path's, per element; with 16 channels per group (tiny) oneDNN runs at
+    40 % of that (bench.py --only pos_conv); fp32 convolutions are slower still."""
     (B, C, T), K = x.shape, w.shape[-1]
-    n = fft_length(T + K - 1)
-    # Per channel pair: direct ~ B T K / speed, FFT ~ n (B + 20) (20: the kernel's spectrum). 15: the bf16
-    # convolution's speed with 48 channels per group over the FFT path's, per element; with 16 channels per
-    # group (tiny) oneDNN runs at 40 % of that (bench.py --only pos_conv); fp32 convolutions are slower still.
     speed = 15 if w.shape[1] > 16 else 15 * 0.4
-    if CPU_FFT_POS_CONV and x.device.type == "cpu" and B * T * K > speed * n * (B + 20):
+    return CPU_FFT_POS_CONV and x.device.type == "cpu" and B * T * K > speed * fft_length(T + K - 1) * (B + 20)
+
+
+def positional_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, C, T) -> (B, C, T): the grouped 'same' convolution, by FFT on a CPU where that is cheaper."""
+    if fft_pays(x, w):
         return GroupedConv1dFFT.apply(x, w, bias, groups)
+    K, T = w.shape[-1], x.shape[-1]
     return F.conv1d(x, w, bias, padding=K // 2, groups=groups)[..., :T]   # an even K yields one frame too many
 
 
