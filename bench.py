@@ -14,6 +14,8 @@ attention: scaled_dot_product_attention forward+backward in bf16 at the tiny mod
 math path (what model.py uses for bf16 training on a CPU) against the kernel torch picks by default.
 pos_conv: wav2vec2's positional convolution (kernel 64 or 128, 16 groups) forward+backward, F.conv1d in
 bf16 against the same product by FFT (model.GroupedConv1dFFT), and which one model.py's cost rule picks.
+feature_conv: wav2vec2's seven strided convolutions forward+backward in bf16, F.conv1d over the padded
+batch against model.py's CPU path (matrix products on channels-last frames, each utterance at its length).
 train_step: one optimiser step of the main job's tiny model (const, a typical 26-utterance batch):
 the levers of the main job (no FFN activation dropout, the SDPA math path, one stacked decoder pass
 for ST+ASR+MT, dropout masks from 16-bit random lanes (model.keep_mask) instead of bernoulli_, bf16
@@ -228,6 +230,34 @@ def bench_pos_conv(cfg: BenchConfig, reps: int = 5) -> list:
     return rows
 
 
+def bench_feature_conv(cfg: BenchConfig, reps: int = 3) -> list:
+    """wav2vec2's convolutional feature encoder, forward + backward in bf16: F.conv1d over the padded batch
+    (B, C, T) as Hugging Face runs it, against model.py's CPU path (StridedConv1dMatmul: matrix products
+    on channels-last frames, the utterances one after another at their own lengths)."""
+    import model
+    rows = []
+    for preset in ("tiny", "base"):
+        torch.manual_seed(0)
+        fe = model.Wav2Vec2FeatureEncoder(model.model_config(preset, frontend="wav2vec2").w2v)
+        batch = _audio_batch(*HF_BATCH[preset])
+
+        def step(matmul):
+            model.CPU_MATMUL_CONV = matmul
+            try:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y = fe(batch.audio, batch.audio_lens)
+                y.float().sum().backward()
+            finally:
+                model.CPU_MATMUL_CONV = True
+        t_conv, t_mm = _time_interleaved([lambda: step(False), lambda: step(True)], reps)
+        n, lo, hi = HF_BATCH[preset]
+        rows += [(f"{preset}, {n} x {lo}-{hi} s: F.conv1d, padded batch", t_conv * 1e3, 1.0),
+                 (f"{preset}, {n} x {lo}-{hi} s: matrix products, own lengths (ours)", t_mm * 1e3, t_conv / t_mm)]
+    _table(f"wav2vec2 feature encoder (7 convolutions), forward + backward, bf16, {torch.get_num_threads()} threads "
+           f"(ratio = F.conv1d's time / this time)", rows, "ms")
+    return rows
+
+
 def _tiny_step(activation_dropout=0.0, math_attention=True, stacked=True, bf16=True, rand_dropout=True, invariant=True,
                seed=0):
     """A closure running one optimiser step of the main job's model and objective (const) on a fixed
@@ -239,7 +269,7 @@ def _tiny_step(activation_dropout=0.0, math_attention=True, stacked=True, bf16=T
     m = M.SpeechTranslator(train.model_config(cfg, 1000)).train()
     if not stacked:     # the peer: one decoder pass per task
         m.decode_stacked = lambda jobs: {t: m.decode(*j) for t, j in jobs.items()}
-    opt = torch.optim.Adam(m.parameters(), 1e-4)
+    opt = torch.optim.Adam(m.parameters(), 1e-4, fused=True)        # as train.py's
     batch = _audio_batch(26, 1.6, 3.0, seed)
 
     def step():
@@ -343,7 +373,7 @@ def _hf_steps(ours, hf, batch, bf16: bool) -> tuple:
         return F.cross_entropy(logits.flatten(0, 1).float(), batch.tgt.flatten(), ignore_index=data.PAD_ID, reduction="sum")
 
     def make(m, logits):
-        opt = torch.optim.Adam(m.parameters(), 1e-5)
+        opt = torch.optim.Adam(m.parameters(), 1e-5, fused=True)    # ours: train.py's; HF: its Trainer's default
 
         def step():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -478,7 +508,8 @@ def main():
     cfg = BenchConfig(**vars(p.parse_args()))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     benches = {"data": bench_data, "wav2vec2": bench_wav2vec2, "decode": bench_decode, "sinkhorn": bench_sinkhorn,
-               "attention": bench_attention, "pos_conv": bench_pos_conv, "train_step": bench_train_step,
+               "attention": bench_attention, "pos_conv": bench_pos_conv,
+               "feature_conv": bench_feature_conv, "train_step": bench_train_step,
                "precision": bench_precision,
                "hf_step": bench_hf_step, "generate": bench_generate, "mfu": bench_mfu}
     for name, run in benches.items():

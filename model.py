@@ -348,6 +348,57 @@ class Wav2Vec2ConvLayer(nn.Module):
             self.layer_norm = nn.GroupNorm(cfg.conv_dim[0], cfg.conv_dim[0], affine=True)
 
 
+# The feature encoder's strided convolutions (kernel K, stride s, s <= K <= 2s) as matrix products, channels
+# last. With x (N, Ci) and N a multiple of s, the rows of x.view(N/s, s Ci) hold s frames each, so
+#   y[t] = b + sum_k W_k x[s t + k] = x.view(N/s, s Ci)[t] @ W_{0..s-1} + x.view(N/s, s Ci)[t + 1, :(K - s) Ci] @ W_{s..K-1}
+# (the second is a strided view of the same memory: no copy, no im2col). A whole padded batch runs as one
+# sequence: when each utterance's length is a multiple of every stride, utterance b's outputs are rows
+# [b T/s, (b + 1) T/s) and only its last row reads into the next one (padding, outside its valid frames).
+# oneDNN's convolution reaches 300-375 GFLOP/s in bf16 on one core for these shapes (forward + backward),
+# these products 425-505 (`bench.py --only feature_conv`).
+CPU_MATMUL_CONV = True          # False: F.conv1d over (B, C, T), as Hugging Face runs them
+
+
+class StridedConv1dMatmul(torch.autograd.Function):
+    """x (N, Ci), N a multiple of s; weight (Co, Ci, K); bias (Co,) or None -> y (N / s, Co):
+    F.conv1d(x.T, weight, bias, stride=s, padding=(0, K - s)).T (zeros after the end), in the autocast
+    dtype when autocast is on."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, s):
+        Co, Ci, K = weight.shape
+        assert s <= K <= 2 * s and x.shape[0] % s == 0, "a window spans its row of s frames and at most the next"
+        dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        rows = x.to(dt).contiguous().view(-1, s * Ci)                       # (N / s, s Ci)
+        w = weight.to(dt).permute(2, 1, 0).reshape(K * Ci, Co)              # row k Ci + i = W[:, i, k]
+        with torch.autocast("cpu", enabled=False):
+            y = rows @ w[:s * Ci] if bias is None else torch.addmm(bias.to(dt), rows, w[:s * Ci])
+            if K > s:
+                y[:-1].addmm_(rows[1:, :(K - s) * Ci], w[s * Ci:])
+        ctx.save_for_backward(rows, w)
+        ctx.s, ctx.K, ctx.has_bias, ctx.w_dtype = s, K, bias is not None, weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        rows, w = ctx.saved_tensors
+        s, K = ctx.s, ctx.K
+        Ci, Co, d = rows.shape[1] // s, w.shape[1], (K - s) * rows.shape[1] // s
+        g = g.to(rows.dtype)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = g @ w[:s * Ci].t()
+            if K > s:   # the next row's first K - s frames were read by this row's window too: add
+                gx[1:, :d] += g[:-1] @ w[s * Ci:].t()
+            gx = gx.view(-1, Ci)
+        if ctx.needs_input_grad[1]:
+            gw = rows.t() @ g if K == s else torch.cat([rows.t() @ g, rows[1:, :d].t() @ g[:-1]])
+            gw = gw.view(K, Ci, Co).permute(2, 1, 0).to(ctx.w_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0).to(ctx.w_dtype)
+        return gx, gw, gb, None
+
+
 class Wav2Vec2FeatureEncoder(nn.Module):
     """Raw waveform (B, S) -> (B, C, T) at 20 ms per frame for the base strides."""
 
@@ -357,35 +408,47 @@ class Wav2Vec2FeatureEncoder(nn.Module):
         self.conv_layers = nn.ModuleList(Wav2Vec2ConvLayer(cfg, i) for i in range(len(cfg.conv_dim)))
 
     def forward(self, audio: torch.Tensor, lens: torch.Tensor | None = None) -> torch.Tensor:
-        # One utterance at a time: oneDNN runs these convolutions (forward and backward) 1.7x faster over
-        # one padded utterance than over the batch at the tiny shapes in fp32, 1.1-1.2x at the others
-        # (measured in the closing note of issue 11). Every utterance keeps the batch's padded length, so no new
-        # kernels are built per utterance (with own lengths, 26 utterances overflow oneDNN's primitive cache and
-        # the tiny step runs 2x slower).
-        mask = None
+        if audio.device.type == "cpu" and CPU_MATMUL_CONV:
+            return self._channels_last(audio, lens)
+        # elsewhere (a GPU): F.conv1d over the padded batch, as Hugging Face runs it
+        mask, k, s = None, self.cfg.conv_kernel[:1], self.cfg.conv_stride[:1]
         if lens is not None and bool((lens < audio.shape[1]).any()):
-            mask = lengths_to_padding_mask(conv_out_lengths(lens, self.cfg.conv_kernel[:1], self.cfg.conv_stride[:1]),
-                                           conv_out_lengths(torch.tensor(audio.shape[1]), self.cfg.conv_kernel[:1],
-                                                            self.cfg.conv_stride[:1]).item())
-        # The short late layers run better over the whole batch (oneDNN on one utterance of a few hundred
-        # frames is mostly overhead): from the first layer whose batch output is at most 2M numbers on.
-        B, S, cfg = audio.shape[0], torch.tensor(audio.shape[1]), self.cfg
-        outputs = [B * cfg.conv_dim[i] * conv_out_lengths(S, cfg.conv_kernel[:i + 1], cfg.conv_stride[:i + 1]).item()
-                   for i in range(len(cfg.conv_dim))]
-        # layer 0 stays apart: its norm is per utterance
-        n_apart = next((i for i in range(1, len(outputs)) if outputs[i] <= 2_000_000), len(outputs))
-        parts = []
-        for b, x in enumerate(audio[:, None].split(1)):
-            for i, layer in enumerate(self.conv_layers[:n_apart]):
-                x = layer.conv(x)
-                if i == 0:
-                    x = masked_group_norm(x, layer.layer_norm, None if mask is None else mask[b:b + 1])
-                x = F.gelu(x)
-            parts.append(x)
-        x = torch.cat(parts)
-        for layer in self.conv_layers[n_apart:]:
-            x = F.gelu(layer.conv(x))
+            T0 = conv_out_lengths(torch.tensor(audio.shape[1]), k, s).item()
+            mask = lengths_to_padding_mask(conv_out_lengths(lens, k, s), T0)
+        x = audio[:, None]
+        for i, layer in enumerate(self.conv_layers):
+            x = layer.conv(x)
+            if i == 0:
+                x = masked_group_norm(x, layer.layer_norm, mask)
+            x = F.gelu(x)
         return x
+
+    def _channels_last(self, audio: torch.Tensor, lens: torch.Tensor | None) -> torch.Tensor:
+        """The CPU path: the utterances one after another as one sequence of frames (each at its own length
+        rounded up to a multiple of the strides' product, 20 ms at base: no work on the batch's padding)
+        through StridedConv1dMatmul. Returns (B, C, T), a transposed view, T = conv_out_lengths(S) as
+        F.conv1d gives; frames past an utterance's conv_out_lengths hold anything (they are padding)."""
+        B, S = audio.shape
+        cfg, first = self.cfg, self.conv_layers[0]
+        hop = math.prod(cfg.conv_stride)
+        lens = torch.full((B,), S) if lens is None else lens.cpu()
+        own = ((lens + hop - 1) // hop * hop).tolist()                   # samples per utterance, hop-aligned
+        audio = F.pad(audio, (0, max(own) - S)) if max(own) > S else audio
+        x = torch.cat([a[:n] for a, n in zip(audio, own)])[:, None]       # (sum own, 1)
+        x = StridedConv1dMatmul.apply(x, first.conv.weight, first.conv.bias, cfg.conv_stride[0])
+        # layer 0's norm (one group per channel: a norm over time) over each utterance's valid frames, as
+        # masked_group_norm; batch_norm on (frames, C) is that statistic per channel, without transposing
+        seg = [n // cfg.conv_stride[0] for n in own]
+        valid = conv_out_lengths(lens, cfg.conv_kernel[:1], cfg.conv_stride[:1]).tolist()
+        norm = first.layer_norm
+        x = torch.cat([F.pad(F.batch_norm(xb[:n], None, None, norm.weight, norm.bias, True, 0.0, norm.eps),
+                             (0, 0, 0, len(xb) - n)) for xb, n in zip(x.split(seg), valid)])
+        x = F.gelu(x)                                                     # (sum seg, C)
+        for layer in self.conv_layers[1:]:
+            x = F.gelu(StridedConv1dMatmul.apply(x, layer.conv.weight, layer.conv.bias, layer.conv.stride[0]))
+        T = conv_out_lengths(torch.tensor(S), cfg.conv_kernel, cfg.conv_stride).item()
+        parts = x.split([n // hop for n in own])
+        return torch.stack([F.pad(p[:T], (0, 0, 0, T - min(len(p), T))) for p in parts]).transpose(1, 2)
 
 
 class Wav2Vec2FeatureProjection(nn.Module):

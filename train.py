@@ -522,10 +522,13 @@ def train(cfg: TrainConfig, bar=None) -> dict:
     tables = text_tables(vocab)
     w2v_params = [p for n, p in model.named_parameters() if n.startswith("wav2vec2.")]
     other = [p for n, p in model.named_parameters() if not n.startswith("wav2vec2.")]
-    # the aligners' weights (discriminator, anchors) learn with the same Adam and lr (S-Align, SSPC)
+    # the aligners' weights (discriminator, anchors) learn with the same Adam and lr (S-Align, SSPC). fused: one
+    # kernel per parameter instead of ~10 passes over memory (bench.py: 3x faster on a CPU core, 0.15 s of a
+    # base step); Hugging Face's Trainer uses it too by default (adamw_torch_fused).
     optimizer = torch.optim.Adam([{"params": other, "lr": cfg.lr},
                                   {"params": w2v_params, "lr": cfg.lr * cfg.w2v_lr_scale},
-                                  {"params": list(aux.parameters()), "lr": cfg.lr}], betas=(0.9, 0.98))
+                                  {"params": list(aux.parameters()), "lr": cfg.lr}], betas=(0.9, 0.98),
+                                 fused=device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: inverse_sqrt(s, cfg.warmup))
     step, best_bleu, bad_in_row, skipped = 0, -1.0, 0, 0
     if cfg.resume:

@@ -13,6 +13,8 @@ def test_attention_train_step_and_precision_rows_run(capsys):
     assert _finite(bench.bench_attention(cfg, reps=1))
     rows = bench.bench_pos_conv(cfg, reps=1)
     assert _finite(rows) and len(rows) == 8 and sum("<- picked" in name for name, _, _ in rows) == 4
+    rows = bench.bench_feature_conv(cfg, reps=1)
+    assert _finite(rows) and len(rows) == 4 and rows[0][2] == rows[2][2] == 1.0
     rows = bench.bench_train_step(cfg, reps=1)
     assert _finite(rows) and len(rows) == 7 and rows[0][2] == 1.0
     assert _finite(bench.bench_precision(cfg, reps=1))
@@ -98,3 +100,28 @@ def test_hugging_face_and_mfu_rows_run(capsys):
     assert len(rows) == 1 and rows[0][1] > 0 and 0 < rows[0][2] < 1.5
     out = capsys.readouterr().out
     assert "against Hugging Face" in out and "model FLOP utilisation" in out
+
+
+def test_the_feature_conv_peer_really_runs_f_conv1d(monkeypatch):
+    """The F.conv1d peer of --only feature_conv runs torch's convolution on every layer; ours none (matrix
+    products), and the flag is restored."""
+    import torch.nn.functional as F
+    import model as M
+    real, calls = F.conv1d, {"n": 0}
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(F, "conv1d", counting)
+    monkeypatch.setattr(bench, "HF_BATCH", {"tiny": (2, 0.5, 1.0), "base": (1, 0.5, 0.6)})
+    seen = []
+
+    def once(fns, reps):
+        for f in fns:
+            calls["n"] = 0
+            f()
+            seen.append(calls["n"])
+        return [1.0] * len(fns)
+    monkeypatch.setattr(bench, "_time_interleaved", once)
+    bench.bench_feature_conv(bench.BenchConfig())
+    assert seen[0] >= 7 and seen[2] >= 7 and seen[1] == seen[3] == 0 and M.CPU_MATMUL_CONV is True

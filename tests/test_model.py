@@ -509,3 +509,50 @@ def test_wav2vec2_with_the_fft_positional_convolution_equals_the_direct_one(monk
     assert calls == [1]
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("K,s,Ci,bias", [(3, 2, 8, False), (2, 2, 5, True), (10, 5, 1, False), (4, 3, 3, True)])
+def test_strided_conv_as_matrix_products_equals_f_conv1d(K, s, Ci, bias):
+    """StridedConv1dMatmul is F.conv1d with (K - s) zeros after the end, channels last: output and the
+    gradients of input, weight and bias, in float64 (to rounding); bf16 under autocast."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    x = torch.randn(12 * s, Ci, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, Ci, K, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True) if bias else None
+    y = model.StridedConv1dMatmul.apply(x, w, b, s)
+    ref = F.conv1d(F.pad(x.t()[None], (0, K - s)), w, b, s)[0].t()
+    assert y.shape == ref.shape == (12, 6)
+    g = torch.randn_like(ref)
+    inputs = [x, w] + ([b] if bias else [])
+    for a, r in zip([y, *torch.autograd.grad(y, inputs, g)], [ref, *torch.autograd.grad(ref, inputs, g)]):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = model.StridedConv1dMatmul.apply(x.float(), w.float(), None, s)
+    assert yb.dtype == torch.bfloat16
+    yb.float().sum().backward()                                  # gradients come back in the weights' dtype
+
+
+@pytest.mark.parametrize("preset", ["tiny", "base"])
+def test_feature_encoder_by_matrix_products_at_own_lengths_equals_padded_convolutions(preset, monkeypatch):
+    """The CPU feature encoder (the batch as one sequence, each utterance at its own hop-aligned length)
+    gives the padded F.conv1d path's values and weight gradients on every valid frame, with and without
+    lengths, for lengths that are and are not multiples of the hop."""
+    torch.manual_seed(0)
+    cfg = model.model_config(preset, frontend="wav2vec2").w2v
+    fe = model.Wav2Vec2FeatureEncoder(cfg)
+    audio = torch.randn(3, 16000 + 123)
+    for lens in (torch.tensor([16123, 9600, 7001]), None):
+        runs = []
+        for matmul in (False, True):
+            monkeypatch.setattr(model, "CPU_MATMUL_CONV", matmul)
+            fe.zero_grad()
+            y = fe(audio, lens)
+            n = model.conv_out_lengths(torch.full((3,), 16123) if lens is None else lens, cfg.conv_kernel, cfg.conv_stride)
+            valid = ~model.lengths_to_padding_mask(n, y.shape[-1])[:, None]
+            y = y * valid
+            (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+            runs.append([y.detach(), *(p.grad.clone() for p in fe.parameters())])
+        assert runs[0][0].shape == runs[1][0].shape == (3, cfg.conv_dim[-1], 50)
+        for a, b in zip(*runs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
