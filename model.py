@@ -348,15 +348,18 @@ class Wav2Vec2ConvLayer(nn.Module):
             self.layer_norm = nn.GroupNorm(cfg.conv_dim[0], cfg.conv_dim[0], affine=True)
 
 
-# The feature encoder's strided convolutions (kernel K, stride s, s <= K <= 2s) as matrix products, channels
-# last. With x (N, Ci) and N a multiple of s, the rows of x.view(N/s, s Ci) hold s frames each, so
-#   y[t] = b + sum_k W_k x[s t + k] = x.view(N/s, s Ci)[t] @ W_{0..s-1} + x.view(N/s, s Ci)[t + 1, :(K - s) Ci] @ W_{s..K-1}
-# (the second is a strided view of the same memory: no copy, no im2col). A whole padded batch runs as one
-# sequence: when each utterance's length is a multiple of every stride, utterance b's outputs are rows
-# [b T/s, (b + 1) T/s) and only its last row reads into the next one (padding, outside its valid frames).
-# oneDNN's convolution reaches 300-375 GFLOP/s in bf16 on one core for these shapes (forward + backward),
-# these products 425-505 (`bench.py --only feature_conv`).
-CPU_MATMUL_CONV = True          # False: F.conv1d over (B, C, T), as Hugging Face runs them
+# On a CPU the feature encoder runs the batch as ONE sequence: the utterances one after another, each at its own
+# length rounded up to a multiple of the strides' product (320 samples, 20 ms, at base). Every layer's stride
+# then divides every utterance's length, so utterance b's frames stay a contiguous block at each layer, and
+# only its block's last frame reads into the next utterance (a padding frame: outside its conv_out_lengths).
+# No work goes to the batch's padding (a quarter of a batch of 2-4 s utterances). In bf16 the convolutions run
+# as matrix products on channels-last frames (kernel K, stride s, s <= K <= 2s). With x (N, Ci), N = s n,
+#   y[t] = b + sum_k W_k x[s t + k] = x.view(n, s Ci)[t] @ W_{0..s-1} + x.view(n, s Ci)[t + 1, :(K - s) Ci] @ W_{s..K-1}
+# (the second a strided view of the same memory: no copy, no im2col); oneDNN's bf16 convolution reaches
+# 300-375 GFLOP/s on one core at these shapes (forward + backward), the products 425-505. In fp32 oneDNN's
+# convolution beats MKL's matrix products on this CPU (1.27 vs 1.83 s for base 4 x 2-4 s), so fp32 keeps
+# F.conv1d, over the same one sequence. `bench.py --only feature_conv` times both against F.conv1d on the batch.
+CPU_MATMUL_CONV = True          # False: F.conv1d over the padded batch (B, C, T), as Hugging Face runs it
 
 
 class StridedConv1dMatmul(torch.autograd.Function):
@@ -409,7 +412,7 @@ class Wav2Vec2FeatureEncoder(nn.Module):
 
     def forward(self, audio: torch.Tensor, lens: torch.Tensor | None = None) -> torch.Tensor:
         if audio.device.type == "cpu" and CPU_MATMUL_CONV:
-            return self._channels_last(audio, lens)
+            return self._one_sequence(audio, lens)
         # elsewhere (a GPU): F.conv1d over the padded batch, as Hugging Face runs it
         mask, k, s = None, self.cfg.conv_kernel[:1], self.cfg.conv_stride[:1]
         if lens is not None and bool((lens < audio.shape[1]).any()):
@@ -423,32 +426,45 @@ class Wav2Vec2FeatureEncoder(nn.Module):
             x = F.gelu(x)
         return x
 
-    def _channels_last(self, audio: torch.Tensor, lens: torch.Tensor | None) -> torch.Tensor:
-        """The CPU path: the utterances one after another as one sequence of frames (each at its own length
-        rounded up to a multiple of the strides' product, 20 ms at base: no work on the batch's padding)
-        through StridedConv1dMatmul. Returns (B, C, T), a transposed view, T = conv_out_lengths(S) as
-        F.conv1d gives; frames past an utterance's conv_out_lengths hold anything (they are padding)."""
+    def _one_sequence(self, audio: torch.Tensor, lens: torch.Tensor | None, last: bool | None = None) -> torch.Tensor:
+        """The CPU path (above): the batch as one sequence of frames, channels last through
+        StridedConv1dMatmul under autocast, channels first through F.conv1d in fp32. Returns (B, C, T),
+        T = conv_out_lengths(S) as F.conv1d on the batch gives; frames past an utterance's own
+        conv_out_lengths hold anything (they are padding). last: force channels last (True) or first (False)."""
         B, S = audio.shape
         cfg, first = self.cfg, self.conv_layers[0]
+        last = torch.is_autocast_enabled("cpu") if last is None else last    # matrix products or F.conv1d
+        t = 0 if last else -1                             # the time axis
+
+        def conv(x, c):
+            if last:
+                return StridedConv1dMatmul.apply(x, c.weight, c.bias, c.stride[0])
+            return F.conv1d(F.pad(x, (0, c.kernel_size[0] - c.stride[0])), c.weight, c.bias, c.stride[0])
         hop = math.prod(cfg.conv_stride)
         lens = torch.full((B,), S) if lens is None else lens.cpu()
         own = ((lens + hop - 1) // hop * hop).tolist()                   # samples per utterance, hop-aligned
         audio = F.pad(audio, (0, max(own) - S)) if max(own) > S else audio
-        x = torch.cat([a[:n] for a, n in zip(audio, own)])[:, None]       # (sum own, 1)
-        x = StridedConv1dMatmul.apply(x, first.conv.weight, first.conv.bias, cfg.conv_stride[0])
+        x = torch.cat([a[:n] for a, n in zip(audio, own)])
+        x = conv(x[:, None] if last else x[None, None], first.conv)       # (N0, C) or (1, C, N0)
         # layer 0's norm (one group per channel: a norm over time) over each utterance's valid frames, as
-        # masked_group_norm; batch_norm on (frames, C) is that statistic per channel, without transposing
+        # masked_group_norm; in (frames, C), batch_norm is that statistic per channel without a transpose
         seg = [n // cfg.conv_stride[0] for n in own]
         valid = conv_out_lengths(lens, cfg.conv_kernel[:1], cfg.conv_stride[:1]).tolist()
-        norm = first.layer_norm
-        x = torch.cat([F.pad(F.batch_norm(xb[:n], None, None, norm.weight, norm.bias, True, 0.0, norm.eps),
-                             (0, 0, 0, len(xb) - n)) for xb, n in zip(x.split(seg), valid)])
-        x = F.gelu(x)                                                     # (sum seg, C)
+        nm = first.layer_norm
+        if last:
+            x = torch.cat([F.pad(F.batch_norm(xb[:n], None, None, nm.weight, nm.bias, True, 0.0, nm.eps), (0, 0, 0, len(xb) - n))
+                           for xb, n in zip(x.split(seg), valid)])
+        else:
+            x = torch.cat([F.pad(F.group_norm(xb[..., :n], nm.num_groups, nm.weight, nm.bias, nm.eps), (0, xb.shape[-1] - n))
+                           for xb, n in zip(x.split(seg, -1), valid)], -1)
+        x = F.gelu(x)
         for layer in self.conv_layers[1:]:
-            x = F.gelu(StridedConv1dMatmul.apply(x, layer.conv.weight, layer.conv.bias, layer.conv.stride[0]))
+            x = F.gelu(conv(x, layer.conv))
         T = conv_out_lengths(torch.tensor(S), cfg.conv_kernel, cfg.conv_stride).item()
-        parts = x.split([n // hop for n in own])
-        return torch.stack([F.pad(p[:T], (0, 0, 0, T - min(len(p), T))) for p in parts]).transpose(1, 2)
+        parts = [p.narrow(t, 0, min(p.shape[t], T)) for p in x.split([n // hop for n in own], t)]
+        if last:
+            return torch.stack([F.pad(p, (0, 0, 0, T - len(p))) for p in parts]).transpose(1, 2)
+        return torch.cat([F.pad(p, (0, T - p.shape[-1])) for p in parts])
 
 
 class Wav2Vec2FeatureProjection(nn.Module):

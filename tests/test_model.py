@@ -533,21 +533,22 @@ def test_strided_conv_as_matrix_products_equals_f_conv1d(K, s, Ci, bias):
     yb.float().sum().backward()                                  # gradients come back in the weights' dtype
 
 
-@pytest.mark.parametrize("preset", ["tiny", "base"])
-def test_feature_encoder_by_matrix_products_at_own_lengths_equals_padded_convolutions(preset, monkeypatch):
-    """The CPU feature encoder (the batch as one sequence, each utterance at its own hop-aligned length)
-    gives the padded F.conv1d path's values and weight gradients on every valid frame, with and without
-    lengths, for lengths that are and are not multiples of the hop."""
+@pytest.mark.parametrize("preset,last", [("tiny", True), ("base", True), ("tiny", False)])
+def test_feature_encoder_as_one_sequence_at_own_lengths_equals_padded_convolutions(preset, last, monkeypatch):
+    """The CPU feature encoder (the batch as one sequence, each utterance at its own hop-aligned length;
+    channels last by matrix products, or channels first by F.conv1d) gives the padded F.conv1d path's
+    values and weight gradients on every valid frame, with and without lengths, for lengths that are and
+    are not multiples of the hop."""
     torch.manual_seed(0)
     cfg = model.model_config(preset, frontend="wav2vec2").w2v
     fe = model.Wav2Vec2FeatureEncoder(cfg)
     audio = torch.randn(3, 16000 + 123)
     for lens in (torch.tensor([16123, 9600, 7001]), None):
         runs = []
-        for matmul in (False, True):
-            monkeypatch.setattr(model, "CPU_MATMUL_CONV", matmul)
+        for batch_conv in (True, False):
+            monkeypatch.setattr(model, "CPU_MATMUL_CONV", not batch_conv)
             fe.zero_grad()
-            y = fe(audio, lens)
+            y = fe(audio, lens) if batch_conv else fe._one_sequence(audio, lens, last=last)
             n = model.conv_out_lengths(torch.full((3,), 16123) if lens is None else lens, cfg.conv_kernel, cfg.conv_stride)
             valid = ~model.lengths_to_padding_mask(n, y.shape[-1])[:, None]
             y = y * valid
