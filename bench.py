@@ -14,8 +14,8 @@ attention: scaled_dot_product_attention forward+backward in bf16 at the tiny mod
 math path (what model.py uses for bf16 training on a CPU) against the kernel torch picks by default.
 pos_conv: wav2vec2's positional convolution (kernel 64 or 128, 16 groups) forward+backward, F.conv1d in
 bf16 against the same product by FFT (model.GroupedConv1dFFT), and which one model.py's cost rule picks.
-feature_conv: wav2vec2's seven strided convolutions forward+backward in bf16, F.conv1d over the padded
-batch against model.py's CPU path (matrix products on channels-last frames, each utterance at its length).
+feature_conv: wav2vec2's seven strided convolutions forward+backward in bf16, F.conv1d at the batch's padded
+length against model.py's bf16 CPU path (matrix products on channels-last frames, each utterance at its length).
 train_step: one optimiser step of the main job's tiny model (const, a typical 26-utterance batch):
 the levers of the main job (no FFN activation dropout, the SDPA math path, one stacked decoder pass
 for ST+ASR+MT, dropout masks from 16-bit random lanes (model.keep_mask) instead of bernoulli_, bf16
@@ -231,9 +231,10 @@ def bench_pos_conv(cfg: BenchConfig, reps: int = 5) -> list:
 
 
 def bench_feature_conv(cfg: BenchConfig, reps: int = 3) -> list:
-    """wav2vec2's convolutional feature encoder, forward + backward in bf16: F.conv1d over the padded batch
-    (B, C, T) as Hugging Face runs it, against model.py's CPU path (StridedConv1dMatmul: matrix products
-    on channels-last frames, the utterances one after another at their own lengths)."""
+    """wav2vec2's convolutional feature encoder, forward + backward in bf16: F.conv1d (model.py's fp32 path:
+    the long early layers per utterance at the batch's padded length, the late ones over the batch) against
+    model.py's bf16 CPU path (StridedConv1dMatmul: matrix products on channels-last frames, the utterances
+    one after another at their own lengths)."""
     import model
     rows = []
     for preset in ("tiny", "base"):
@@ -251,7 +252,7 @@ def bench_feature_conv(cfg: BenchConfig, reps: int = 3) -> list:
                 model.CPU_MATMUL_CONV = True
         t_conv, t_mm = _time_interleaved([lambda: step(False), lambda: step(True)], reps)
         n, lo, hi = HF_BATCH[preset]
-        rows += [(f"{preset}, {n} x {lo}-{hi} s: F.conv1d, padded batch", t_conv * 1e3, 1.0),
+        rows += [(f"{preset}, {n} x {lo}-{hi} s: F.conv1d, padded", t_conv * 1e3, 1.0),
                  (f"{preset}, {n} x {lo}-{hi} s: matrix products, own lengths (ours)", t_mm * 1e3, t_conv / t_mm)]
     _table(f"wav2vec2 feature encoder (7 convolutions), forward + backward, bf16, {torch.get_num_threads()} threads "
            f"(ratio = F.conv1d's time / this time)", rows, "ms")

@@ -348,18 +348,19 @@ class Wav2Vec2ConvLayer(nn.Module):
             self.layer_norm = nn.GroupNorm(cfg.conv_dim[0], cfg.conv_dim[0], affine=True)
 
 
-# On a CPU the feature encoder runs the batch as ONE sequence: the utterances one after another, each at its own
-# length rounded up to a multiple of the strides' product (320 samples, 20 ms, at base). Every layer's stride
-# then divides every utterance's length, so utterance b's frames stay a contiguous block at each layer, and
-# only its block's last frame reads into the next utterance (a padding frame: outside its conv_out_lengths).
-# No work goes to the batch's padding (a quarter of a batch of 2-4 s utterances). In bf16 the convolutions run
-# as matrix products on channels-last frames (kernel K, stride s, s <= K <= 2s). With x (N, Ci), N = s n,
+# In bf16 on a CPU the feature encoder runs the batch as ONE sequence: the utterances one after another, each at
+# its own length rounded up to a multiple of the strides' product (320 samples, 20 ms, at base). Every layer's
+# stride then divides every utterance's length, so utterance b's frames stay a contiguous block at each layer,
+# and only its block's last frame reads into the next utterance (a padding frame: past its conv_out_lengths).
+# No work goes to the batch's padding (a quarter of a batch of 2-4 s utterances), and the convolutions
+# (kernel K, stride s, s <= K <= 2s) run as matrix products on channels-last frames. With x (N, Ci), N = s n,
 #   y[t] = b + sum_k W_k x[s t + k] = x.view(n, s Ci)[t] @ W_{0..s-1} + x.view(n, s Ci)[t + 1, :(K - s) Ci] @ W_{s..K-1}
 # (the second a strided view of the same memory: no copy, no im2col); oneDNN's bf16 convolution reaches
 # 300-375 GFLOP/s on one core at these shapes (forward + backward), the products 425-505. In fp32 oneDNN's
-# convolution beats MKL's matrix products on this CPU (1.27 vs 1.83 s for base 4 x 2-4 s), so fp32 keeps
-# F.conv1d, over the same one sequence. `bench.py --only feature_conv` times both against F.conv1d on the batch.
-CPU_MATMUL_CONV = True          # False: F.conv1d over the padded batch (B, C, T), as Hugging Face runs it
+# convolution, per utterance, beats both MKL's products here (base 4 x 2-4 s: 1.27 vs 1.83 s) and itself over
+# one long sequence (4x slower at 64 channels x 195k frames than over 26 pieces of 7.5k), so fp32 keeps it.
+# `bench.py --only feature_conv` times the bf16 path against F.conv1d.
+CPU_MATMUL_CONV = True          # False: F.conv1d in bf16 too
 
 
 class StridedConv1dMatmul(torch.autograd.Function):
@@ -411,60 +412,67 @@ class Wav2Vec2FeatureEncoder(nn.Module):
         self.conv_layers = nn.ModuleList(Wav2Vec2ConvLayer(cfg, i) for i in range(len(cfg.conv_dim)))
 
     def forward(self, audio: torch.Tensor, lens: torch.Tensor | None = None) -> torch.Tensor:
-        if audio.device.type == "cpu" and CPU_MATMUL_CONV:
+        if audio.device.type == "cpu" and CPU_MATMUL_CONV and torch.is_autocast_enabled("cpu"):
             return self._one_sequence(audio, lens)
-        # elsewhere (a GPU): F.conv1d over the padded batch, as Hugging Face runs it
-        mask, k, s = None, self.cfg.conv_kernel[:1], self.cfg.conv_stride[:1]
+        return self._convolutions(audio, lens)
+
+    def _convolutions(self, audio: torch.Tensor, lens: torch.Tensor | None) -> torch.Tensor:
+        """F.conv1d, in fp32 on a CPU and on a GPU."""
+        # One utterance at a time: oneDNN runs these convolutions (forward and backward) 1.7x faster over
+        # one padded utterance than over the batch at the tiny shapes in fp32, 1.1-1.2x at the others
+        # (measured in the closing note of issue 11). Every utterance keeps the batch's padded length, so no new
+        # kernels are built per utterance (with own lengths, 26 utterances overflow oneDNN's primitive cache and
+        # the tiny step runs 2x slower).
+        mask = None
         if lens is not None and bool((lens < audio.shape[1]).any()):
-            T0 = conv_out_lengths(torch.tensor(audio.shape[1]), k, s).item()
-            mask = lengths_to_padding_mask(conv_out_lengths(lens, k, s), T0)
-        x = audio[:, None]
-        for i, layer in enumerate(self.conv_layers):
-            x = layer.conv(x)
-            if i == 0:
-                x = masked_group_norm(x, layer.layer_norm, mask)
-            x = F.gelu(x)
+            mask = lengths_to_padding_mask(conv_out_lengths(lens, self.cfg.conv_kernel[:1], self.cfg.conv_stride[:1]),
+                                           conv_out_lengths(torch.tensor(audio.shape[1]), self.cfg.conv_kernel[:1],
+                                                            self.cfg.conv_stride[:1]).item())
+        # The short late layers run better over the whole batch (oneDNN on one utterance of a few hundred
+        # frames is mostly overhead): from the first layer whose batch output is at most 2M numbers on.
+        B, S, cfg = audio.shape[0], torch.tensor(audio.shape[1]), self.cfg
+        outputs = [B * cfg.conv_dim[i] * conv_out_lengths(S, cfg.conv_kernel[:i + 1], cfg.conv_stride[:i + 1]).item()
+                   for i in range(len(cfg.conv_dim))]
+        # layer 0 stays apart: its norm is per utterance
+        n_apart = next((i for i in range(1, len(outputs)) if outputs[i] <= 2_000_000), len(outputs))
+        parts = []
+        for b, x in enumerate(audio[:, None].split(1)):
+            for i, layer in enumerate(self.conv_layers[:n_apart]):
+                x = layer.conv(x)
+                if i == 0:
+                    x = masked_group_norm(x, layer.layer_norm, None if mask is None else mask[b:b + 1])
+                x = F.gelu(x)
+            parts.append(x)
+        x = torch.cat(parts)
+        for layer in self.conv_layers[n_apart:]:
+            x = F.gelu(layer.conv(x))
         return x
 
-    def _one_sequence(self, audio: torch.Tensor, lens: torch.Tensor | None, last: bool | None = None) -> torch.Tensor:
-        """The CPU path (above): the batch as one sequence of frames, channels last through
-        StridedConv1dMatmul under autocast, channels first through F.conv1d in fp32. Returns (B, C, T),
-        T = conv_out_lengths(S) as F.conv1d on the batch gives; frames past an utterance's own
-        conv_out_lengths hold anything (they are padding). last: force channels last (True) or first (False)."""
+    def _one_sequence(self, audio: torch.Tensor, lens: torch.Tensor | None) -> torch.Tensor:
+        """The CPU path in bf16 (above): the batch as one sequence of channels-last frames through
+        StridedConv1dMatmul. Returns (B, C, T), a transposed view, T = conv_out_lengths(S) as F.conv1d on
+        the batch gives; frames past an utterance's own conv_out_lengths hold anything (they are padding)."""
         B, S = audio.shape
         cfg, first = self.cfg, self.conv_layers[0]
-        last = torch.is_autocast_enabled("cpu") if last is None else last    # matrix products or F.conv1d
-        t = 0 if last else -1                             # the time axis
-
-        def conv(x, c):
-            if last:
-                return StridedConv1dMatmul.apply(x, c.weight, c.bias, c.stride[0])
-            return F.conv1d(F.pad(x, (0, c.kernel_size[0] - c.stride[0])), c.weight, c.bias, c.stride[0])
         hop = math.prod(cfg.conv_stride)
         lens = torch.full((B,), S) if lens is None else lens.cpu()
         own = ((lens + hop - 1) // hop * hop).tolist()                   # samples per utterance, hop-aligned
         audio = F.pad(audio, (0, max(own) - S)) if max(own) > S else audio
-        x = torch.cat([a[:n] for a, n in zip(audio, own)])
-        x = conv(x[:, None] if last else x[None, None], first.conv)       # (N0, C) or (1, C, N0)
+        x = torch.cat([a[:n] for a, n in zip(audio, own)])[:, None]       # (N, 1)
+        x = StridedConv1dMatmul.apply(x, first.conv.weight, first.conv.bias, cfg.conv_stride[0])
         # layer 0's norm (one group per channel: a norm over time) over each utterance's valid frames, as
         # masked_group_norm; in (frames, C), batch_norm is that statistic per channel without a transpose
         seg = [n // cfg.conv_stride[0] for n in own]
         valid = conv_out_lengths(lens, cfg.conv_kernel[:1], cfg.conv_stride[:1]).tolist()
         nm = first.layer_norm
-        if last:
-            x = torch.cat([F.pad(F.batch_norm(xb[:n], None, None, nm.weight, nm.bias, True, 0.0, nm.eps), (0, 0, 0, len(xb) - n))
-                           for xb, n in zip(x.split(seg), valid)])
-        else:
-            x = torch.cat([F.pad(F.group_norm(xb[..., :n], nm.num_groups, nm.weight, nm.bias, nm.eps), (0, xb.shape[-1] - n))
-                           for xb, n in zip(x.split(seg, -1), valid)], -1)
-        x = F.gelu(x)
+        x = torch.cat([F.pad(F.batch_norm(xb[:n], None, None, nm.weight, nm.bias, True, 0.0, nm.eps), (0, 0, 0, len(xb) - n))
+                       for xb, n in zip(x.split(seg), valid)])
+        x = F.gelu(x)                                                     # (N / 5, C)
         for layer in self.conv_layers[1:]:
-            x = F.gelu(conv(x, layer.conv))
+            x = F.gelu(StridedConv1dMatmul.apply(x, layer.conv.weight, layer.conv.bias, layer.conv.stride[0]))
         T = conv_out_lengths(torch.tensor(S), cfg.conv_kernel, cfg.conv_stride).item()
-        parts = [p.narrow(t, 0, min(p.shape[t], T)) for p in x.split([n // hop for n in own], t)]
-        if last:
-            return torch.stack([F.pad(p, (0, 0, 0, T - len(p))) for p in parts]).transpose(1, 2)
-        return torch.cat([F.pad(p, (0, T - p.shape[-1])) for p in parts])
+        parts = x.split([n // hop for n in own])
+        return torch.stack([F.pad(p[:T], (0, 0, 0, T - min(len(p), T))) for p in parts]).transpose(1, 2)
 
 
 class Wav2Vec2FeatureProjection(nn.Module):

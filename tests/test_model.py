@@ -533,12 +533,12 @@ def test_strided_conv_as_matrix_products_equals_f_conv1d(K, s, Ci, bias):
     yb.float().sum().backward()                                  # gradients come back in the weights' dtype
 
 
-@pytest.mark.parametrize("preset,last", [("tiny", True), ("base", True), ("tiny", False)])
-def test_feature_encoder_as_one_sequence_at_own_lengths_equals_padded_convolutions(preset, last, monkeypatch):
-    """The CPU feature encoder (the batch as one sequence, each utterance at its own hop-aligned length;
-    channels last by matrix products, or channels first by F.conv1d) gives the padded F.conv1d path's
-    values and weight gradients on every valid frame, with and without lengths, for lengths that are and
-    are not multiples of the hop."""
+@pytest.mark.parametrize("preset", ["tiny", "base"])
+def test_feature_encoder_as_one_sequence_at_own_lengths_equals_padded_convolutions(preset, monkeypatch):
+    """The bf16 CPU feature encoder (the batch as one sequence of channels-last frames, each utterance at
+    its own hop-aligned length, matrix products), run here in fp32, gives the padded F.conv1d path's values
+    and weight gradients on every valid frame, with and without lengths, for lengths that are and are not
+    multiples of the hop; under autocast forward() takes it."""
     torch.manual_seed(0)
     cfg = model.model_config(preset, frontend="wav2vec2").w2v
     fe = model.Wav2Vec2FeatureEncoder(cfg)
@@ -548,7 +548,7 @@ def test_feature_encoder_as_one_sequence_at_own_lengths_equals_padded_convolutio
         for batch_conv in (True, False):
             monkeypatch.setattr(model, "CPU_MATMUL_CONV", not batch_conv)
             fe.zero_grad()
-            y = fe(audio, lens) if batch_conv else fe._one_sequence(audio, lens, last=last)
+            y = fe(audio, lens) if batch_conv else fe._one_sequence(audio, lens)
             n = model.conv_out_lengths(torch.full((3,), 16123) if lens is None else lens, cfg.conv_kernel, cfg.conv_stride)
             valid = ~model.lengths_to_padding_mask(n, y.shape[-1])[:, None]
             y = y * valid
@@ -557,3 +557,10 @@ def test_feature_encoder_as_one_sequence_at_own_lengths_equals_padded_convolutio
         assert runs[0][0].shape == runs[1][0].shape == (3, cfg.conv_dim[-1], 50)
         for a, b in zip(*runs):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    calls = []
+    monkeypatch.setattr(model.StridedConv1dMatmul, "apply", lambda *a: calls.append(1) or torch.zeros(1))
+    with pytest.raises(RuntimeError):             # zeros(1) cannot be reshaped into frames: the path was taken
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fe(audio, None)
+    fe(audio, None)
+    assert len(calls) == 1
