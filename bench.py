@@ -417,9 +417,11 @@ def bench_hf_step(cfg: BenchConfig, reps: int = 3, presets=("tiny", "base")) -> 
     return rows
 
 
-def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int = 2, presets=("tiny", "base")) -> list:
+def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int = 2, presets=("tiny", "base"),
+                   precisions=(False, True)) -> list:
     """Beam search from audio (encoder included), both forced to `length` new tokens (end of sentence
-    suppressed: HF by min_new_tokens, ours by a -inf logit), so time per sentence compares like with like."""
+    suppressed: HF by min_new_tokens, ours by a -inf logit), so time per sentence compares like with like;
+    in fp32 and under bf16 autocast (as evaluate.py decodes when training picked bf16), for both."""
     rows = []
     for preset in presets:
         ours, hf = _hf_pair(preset)
@@ -428,7 +430,7 @@ def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int 
         batch = _audio_batch(n, 2.0, 3.0)
         counts = {}
 
-        def searcher(m, name):
+        def searcher(m, name, bf16):
             m.eval()
             decode = m.decode
 
@@ -436,30 +438,44 @@ def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int 
                 logits = decode(*a, **k)
                 logits[..., data.EOS_ID] = float("-inf")
                 return logits
-            m.decode = no_eos
 
             @torch.no_grad()
             def run():
-                low, lens = m.encode_speech(batch.audio, batch.audio_lens)
-                hyps = m.generate(m.encode(low, lens), lens, 6, beam=beam, max_len_a=0, max_len_b=length + 1)
+                m.decode = no_eos
+                try:
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        low, lens = m.encode_speech(batch.audio, batch.audio_lens)
+                        hyps = m.generate(m.encode(low, lens), lens, 6, beam=beam, max_len_a=0, max_len_b=length + 1)
+                finally:
+                    del m.decode
                 counts[name] = sum(map(len, hyps)) / n
             return run
 
-        @torch.no_grad()
-        def run_hf():
-            out = hf.eval().generate(input_values=batch.audio, num_beams=beam, do_sample=False,
-                                     min_new_tokens=length, max_new_tokens=length, decoder_start_token_id=data.EOS_ID,
-                                     eos_token_id=data.EOS_ID, pad_token_id=data.PAD_ID)
-            counts["hf"] = out.shape[1] - 1
-        @torch.no_grad()
-        def encoder_alone():                     # the floor of ours' search: its speech encoder, no decoding
-            same.encode(*same.encode_speech(batch.audio, batch.audio_lens))
-        t_ours, t_same, t_enc, t_hf = _time_interleaved([searcher(ours, "ours"), searcher(same, "same"), encoder_alone,
-                                                         run_hf], reps)
-        rows += [(f"{preset}: ours, ConST model, {counts['ours']:.0f} tokens/sentence", t_ours / n, t_ours / t_hf),
-                 (f"{preset}: ours, HF's architecture, {counts['same']:.0f} tokens", t_same / n, t_same / t_hf),
-                 (f"{preset}: ours, HF's architecture, its encoder alone (no search)", t_enc / n, t_enc / t_hf),
-                 (f"{preset}: HF generate, {counts['hf']:.0f} tokens/sentence", t_hf / n, 1.0)]
+        def hf_searcher(bf16):
+            @torch.no_grad()
+            def run():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    out = hf.eval().generate(input_values=batch.audio, num_beams=beam, do_sample=False,
+                                             min_new_tokens=length, max_new_tokens=length,
+                                             decoder_start_token_id=data.EOS_ID, eos_token_id=data.EOS_ID,
+                                             pad_token_id=data.PAD_ID)
+                counts["hf"] = out.shape[1] - 1
+            return run
+
+        def encoder_alone(bf16):                  # the floor of ours' search: its speech encoder, no decoding
+            @torch.no_grad()
+            def run():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    same.encode(*same.encode_speech(batch.audio, batch.audio_lens))
+            return run
+        for bf16 in precisions:
+            p = "bf16" if bf16 else "fp32"
+            t_ours, t_same, t_enc, t_hf = _time_interleaved([searcher(ours, "ours", bf16), searcher(same, "same", bf16),
+                                                             encoder_alone(bf16), hf_searcher(bf16)], reps)
+            rows += [(f"{preset} {p}: ours, ConST model, {counts['ours']:.0f} tokens/sentence", t_ours / n, t_ours / t_hf),
+                     (f"{preset} {p}: ours, HF's architecture, {counts['same']:.0f} tokens", t_same / n, t_same / t_hf),
+                     (f"{preset} {p}: ours, HF's architecture, its encoder alone (no search)", t_enc / n, t_enc / t_hf),
+                     (f"{preset} {p}: HF generate, {counts['hf']:.0f} tokens/sentence", t_hf / n, 1.0)]
     _table(f"beam search ({beam} beams) from audio against Hugging Face's generate, {torch.get_num_threads()} threads "
            f"(ratio = ours / HF's time; goal <= 0.7)", rows, "s/sentence")
     return rows

@@ -94,8 +94,9 @@ def test_hugging_face_and_mfu_rows_run(capsys):
     rows = bench.bench_hf_step(cfg, reps=1, presets=("tiny",))
     assert _finite(rows) and len(rows) == 6
     rows = bench.bench_generate(cfg, length=4, reps=1, presets=("tiny",))
-    assert _finite(rows) and len(rows) == 4 and all("4 tokens" in name for name, _, _ in rows if "alone" not in name)
-    assert rows[2][2] < rows[1][2]                   # the encoder alone takes less than the search it starts
+    assert _finite(rows) and len(rows) == 8 and all("4 tokens" in name for name, _, _ in rows if "alone" not in name)
+    assert rows[2][2] < rows[1][2] and rows[6][2] < rows[5][2]   # the encoder alone: less than the search it starts
+    assert [name.split(":")[0] for name, _, _ in rows] == ["tiny fp32"] * 4 + ["tiny bf16"] * 4
     rows = bench.bench_mfu(cfg, reps=1, presets=("tiny",))
     assert len(rows) == 1 and rows[0][1] > 0 and 0 < rows[0][2] < 1.5
     out = capsys.readouterr().out
