@@ -307,6 +307,31 @@ def test_cached_decoding_equals_full_recomputation():
     assert (torch.cat(steps, 1) - full).abs().max() <= 1e-5
 
 
+def test_kv_cache_grows_and_follows_reordered_beams():
+    """The self-attention buffers start at 32 positions and double when full; _reorder moves each row's
+    whole past into the spare buffer. Three beams of one sentence, decoded step by step for 70 positions
+    with beams reordered after steps 20 and 50 (duplicating one), give the logits of a full decoder pass
+    over the histories the beams end up with."""
+    m = tiny_model()
+    b = fake_batch()
+    enc, lens = encoded(m, b)
+    enc, lens = enc[:1, :lens[0]], lens[:1]                    # one sentence, three beams share it
+    prev = torch.randint(6, 50, (3, 70), generator=torch.Generator().manual_seed(0))
+    orders = {20: torch.tensor([2, 0, 1]), 50: torch.tensor([1, 1, 0])}
+    cache, steps, hist = [], [], prev[:, :0]
+    with torch.no_grad():
+        for t in range(70):
+            if t in orders:
+                model.SpeechTranslator._reorder(cache, orders[t])
+                hist = hist[orders[t]]
+            hist = torch.cat([hist, prev[:, t:t + 1]], 1)
+            steps.append(m.decode(prev[:, t:t + 1], enc, lens, cache, offset=t)[:, 0])
+        full = m.decode(hist, enc, lens)
+    assert cache[0]["self"]["k"].shape[2] >= 70 and cache[0]["self"]["n"] == 70
+    assert (torch.stack(steps[50:], 1) - full[:, 50:]).abs().max() <= 1e-5
+    assert (torch.stack(steps[:50], 1)[0] - full[0, :50]).abs().max() > 1e-3   # the reorders mattered
+
+
 def naive_greedy(m, enc, lens, lang, max_len):
     """Reference: recompute the whole prefix every step, no cache."""
     out = []
