@@ -472,7 +472,8 @@ def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int 
             p = "bf16" if bf16 else "fp32"
             t_ours, t_same, t_enc, t_hf = _time_interleaved([searcher(ours, "ours", bf16), searcher(same, "same", bf16),
                                                              encoder_alone(bf16), hf_searcher(bf16)], reps)
-            rows += [(f"{preset} {p}: ours, ConST model, {counts['ours']:.0f} tokens/sentence", t_ours / n, t_ours / t_hf),
+            rows += [(f"{preset} {p}: ours, ConST model, {counts['ours']:.0f} tokens/sentence", t_ours / n,
+                      t_ours / t_hf),
                      (f"{preset} {p}: ours, HF's architecture, {counts['same']:.0f} tokens", t_same / n, t_same / t_hf),
                      (f"{preset} {p}: ours, HF's architecture, its encoder alone (no search)", t_enc / n, t_enc / t_hf),
                      (f"{preset} {p}: HF generate, {counts['hf']:.0f} tokens/sentence", t_hf / n, 1.0)]

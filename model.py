@@ -465,8 +465,8 @@ class Wav2Vec2FeatureEncoder(nn.Module):
         seg = [n // cfg.conv_stride[0] for n in own]
         valid = conv_out_lengths(lens, cfg.conv_kernel[:1], cfg.conv_stride[:1]).tolist()
         nm = first.layer_norm
-        x = torch.cat([F.pad(F.batch_norm(xb[:n], None, None, nm.weight, nm.bias, True, 0.0, nm.eps), (0, 0, 0, len(xb) - n))
-                       for xb, n in zip(x.split(seg), valid)])
+        x = torch.cat([F.pad(F.batch_norm(xb[:n], None, None, nm.weight, nm.bias, True, 0.0, nm.eps),
+                             (0, 0, 0, len(xb) - n)) for xb, n in zip(x.split(seg), valid)])
         x = F.gelu(x)                                                     # (N / 5, C)
         for layer in self.conv_layers[1:]:
             x = F.gelu(StridedConv1dMatmul.apply(x, layer.conv.weight, layer.conv.bias, layer.conv.stride[0]))
@@ -907,9 +907,9 @@ class MultiheadAttention(nn.Module):
 
     x (B, L, D) queries; kv (B, T, D) keys/values (None: self-attention); key_pad_mask (B, T)
     True on padding; cache: a dict this layer fills (self-attention appends each step's key and
-    value into buffers with room to grow, cross-attention computes them once). Beam search passes G = B'/B rows of queries per row
-    of kv (x (B', L, D)): the beams of one sentence, which attend to its encoder states as G·L queries
-    (no copy of the keys and values per beam)."""
+    value into buffers with room to grow, cross-attention computes them once). Beam search passes
+    G = B'/B rows of queries per row of kv (x (B', L, D)): the beams of one sentence, which attend to
+    its encoder states as G·L queries (no copy of the keys and values per beam)."""
 
     def __init__(self, d: int, heads: int, dropout: float):
         super().__init__()

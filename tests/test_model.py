@@ -574,7 +574,8 @@ def test_feature_encoder_as_one_sequence_at_own_lengths_equals_padded_convolutio
             monkeypatch.setattr(model, "CPU_MATMUL_CONV", not batch_conv)
             fe.zero_grad()
             y = fe(audio, lens) if batch_conv else fe._one_sequence(audio, lens)
-            n = model.conv_out_lengths(torch.full((3,), 16123) if lens is None else lens, cfg.conv_kernel, cfg.conv_stride)
+            n = model.conv_out_lengths(torch.full((3,), 16123) if lens is None else lens, cfg.conv_kernel,
+                                       cfg.conv_stride)
             valid = ~model.lengths_to_padding_mask(n, y.shape[-1])[:, None]
             y = y * valid
             (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
