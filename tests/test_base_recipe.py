@@ -40,3 +40,23 @@ def test_base_recipe_trains_freezes_wav2vec2_and_resumes_exactly(tiny_corpus, tm
     assert all(torch.equal(step1[k], step2[k]) for k in w2v)                   # frozen for updates 1 and 2
     assert not all(torch.equal(step1[k], step2[k]) for k in step1 if k not in w2v)
     assert not all(torch.equal(step2[k], final["model"][k]) for k in w2v)      # trained from update 3 on
+
+
+def test_base_recipe_in_bf16_trains_wav2vec2_through_the_matrix_product_convolutions(tiny_corpus, tmp_path,
+                                                                                       monkeypatch):
+    """bf16 on a CPU takes the feature encoder's one-sequence matrix-product path (model.StridedConv1dMatmul);
+    the recipe still learns there, and every convolution's weights train once wav2vec2 is unfrozen."""
+    grads = []
+    real = M.StridedConv1dMatmul.apply
+    monkeypatch.setattr(M.StridedConv1dMatmul, "apply", lambda *a: grads.append(a[1].requires_grad) or real(*a))
+    out = train.train(base_config(tiny_corpus, tmp_path / "a", bf16="true"))
+    first, last = out["history"][0], out["history"][-1]
+    assert all(math.isfinite(v) for h in out["history"] for v in h.values())
+    assert all(last[task] < 0.8 * first[task] for task in ("st", "asr", "mt")), (first, last)
+    assert len(grads) >= 4 * 7 and any(grads) and not all(grads)     # every step and layer; frozen, then not
+    frozen = train.train(base_config(tiny_corpus, tmp_path / "b", bf16="true", max_steps=2))
+    assert frozen["history"] == out["history"][:2]
+    before, after = (M.load_checkpoint(tmp_path / n / "last.pt")["model"] for n in ("b", "a"))
+    for i in range(7):
+        k = f"wav2vec2.feature_extractor.conv_layers.{i}.conv.weight"
+        assert not torch.equal(before[k], after[k]) and torch.isfinite(after[k]).all(), k
