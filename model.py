@@ -907,9 +907,9 @@ class MultiheadAttention(nn.Module):
 
     x (B, L, D) queries; kv (B, T, D) keys/values (None: self-attention); key_pad_mask (B, T)
     True on padding; cache: a dict this layer fills (self-attention appends each step's key and
-    value into buffers with room to grow, cross-attention computes them once). Beam search passes
-    G = B'/B rows of queries per row of kv (x (B', L, D)): the beams of one sentence, which attend to
-    its encoder states as G·L queries (no copy of the keys and values per beam)."""
+    value, cross-attention computes them once). Beam search passes G = B'/B rows of queries per row
+    of kv (x (B', L, D)): the beams of one sentence, which attend to its encoder states as G·L queries
+    (no copy of the keys and values per beam)."""
 
     def __init__(self, d: int, heads: int, dropout: float):
         super().__init__()
@@ -920,23 +920,6 @@ class MultiheadAttention(nn.Module):
         B, L, D = x.shape
         return x.view(B, L, self.heads, D // self.heads).transpose(1, 2)
 
-    @staticmethod
-    def _append(cache: dict, k: torch.Tensor, v: torch.Tensor) -> tuple:
-        """Write this step's keys and values (B, H, L, Dh) after the cache's n and return the first n + L
-        (views). The buffers have room to grow into (doubled when full): a step writes L positions instead of
-        concatenating (copying) the whole past, as torch.cat would."""
-        n, L = cache.get("n", 0), k.shape[2]
-        if "k" not in cache or n + L > cache["k"].shape[2]:
-            for name, new in (("k", k), ("v", v)):
-                buf = new.new_empty(*new.shape[:2], max(32, 2 * (n + L)), new.shape[3])
-                if n:
-                    buf[:, :, :n] = cache[name][:, :, :n]
-                cache[name] = buf
-                cache.pop(name + "_spare", None)
-        cache["k"][:, :, n:n + L], cache["v"][:, :, n:n + L] = k, v
-        cache["n"] = n + L
-        return cache["k"][:, :, :n + L], cache["v"][:, :, :n + L]
-
     def forward(self, x, kv=None, key_pad_mask=None, causal: bool = False, cache: dict | None = None):
         q = self._split(self.q_proj(x))
         if kv is not None and cache is not None and "k" in cache:      # cross-attention: computed once
@@ -944,9 +927,9 @@ class MultiheadAttention(nn.Module):
         else:
             src = x if kv is None else kv
             k, v = self._split(self.k_proj(src)), self._split(self.v_proj(src))
-            if cache is not None and kv is None:                        # self-attention: append this step
-                k, v = self._append(cache, k, v)
-            elif cache is not None:
+            if cache is not None and kv is None and "k" in cache:      # self-attention: append this step
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            if cache is not None:
                 cache["k"], cache["v"] = k, v
         mask = None if key_pad_mask is None else ~key_pad_mask[:, None, None, :]
         causal = causal and q.shape[2] > 1                              # one new query sees the whole past
@@ -1161,12 +1144,8 @@ class SpeechTranslator(nn.Module):
         sentence share its encoder states, so the cross-attention keys and values stay as they are (copying
         them was a quarter of a tiny beam search)."""
         for layer in cache:
-            c, n = layer["self"], layer["self"]["n"]
-            for name in ("k", "v"):        # into a spare buffer of the same size, then swap: no allocation
-                spare = c.get(name + "_spare")
-                spare = torch.empty_like(c[name]) if spare is None else spare
-                torch.index_select(c[name][:, :, :n], 0, order, out=spare[:, :, :n])
-                c[name], c[name + "_spare"] = spare, c[name]
+            for k in layer["self"]:
+                layer["self"][k] = layer["self"][k].index_select(0, order)
 
     def _max_lens(self, enc_lens, max_len_a, max_len_b):
         return (max_len_a * enc_lens.float() + max_len_b).long().clamp(max=self.cfg.max_positions - 2)
