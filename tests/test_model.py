@@ -554,7 +554,11 @@ def test_strided_conv_as_matrix_products_equals_f_conv1d(K, s, Ci, bias):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         yb = model.StridedConv1dMatmul.apply(x.float(), w.float(), None, s)
     assert yb.dtype == torch.bfloat16
-    yb.float().sum().backward()                                  # gradients come back in the weights' dtype
+    yb.float().sum().backward()
+    gx, gw = torch.autograd.grad(F.conv1d(F.pad(x.t()[None], (0, K - s)), w, None, s).sum(), [x, w])
+    assert x.grad.dtype == w.grad.dtype == torch.float64         # back through the casts to the inputs' dtype
+    for a, r in ((yb.double(), (ref - (0 if b is None else b)).detach()), (x.grad, gx), (w.grad, gw)):
+        torch.testing.assert_close(a, r, rtol=0.03, atol=0.03 * float(r.abs().max()))   # bf16 rounding
 
 
 @pytest.mark.parametrize("preset", ["tiny", "base"])
