@@ -49,7 +49,9 @@ import demo_corpus
 @dataclass
 class BenchConfig:
     only: str = ""                  # run one: data | wav2vec2 | decode | sinkhorn | attention | pos_conv
-                                    # | train_step | precision | hf_step | generate | mfu
+                                    # | feature_conv | train_step | precision | hf_step | generate | mfu
+    device: str = "cpu"             # cuda: the rows that compare with Hugging Face (wav2vec2, hf_step,
+                                    # generate) and mfu on a GPU, bf16, larger batches; the rest are CPU rows
     data: str = ""                  # an en-XX folder; default: a fresh demo corpus
     segments: int = 2000            # size of that fresh demo corpus (train split)
     max_seconds: float = 60.0       # padded audio per batch, as the CPU demo trains
@@ -89,11 +91,26 @@ def bench_data(cfg: BenchConfig) -> list:
     return rows
 
 
+DEVICE = torch.device("cpu")                    # main() sets it from --device
+
+
+def _sync():
+    """Wait for the GPU's queued work, so that a clock read after it counts it (no-op on a CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _where() -> str:
+    return torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
+
+
 def _time(fn, reps: int) -> float:
     fn()                                        # warm-up
+    _sync()
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
+    _sync()
     return (time.perf_counter() - t0) / reps
 
 
@@ -105,8 +122,10 @@ def _time_interleaved(fns: list, reps: int) -> list:
     times = [[] for _ in fns]
     for _ in range(reps):
         for fn, ts in zip(fns, times):
+            _sync()
             t0 = time.perf_counter()
             fn()
+            _sync()
             ts.append(time.perf_counter() - t0)
     return [float(np.median(ts)) for ts in times]
 
@@ -126,9 +145,10 @@ def bench_wav2vec2(cfg: BenchConfig, seconds: float = 4.0, batch: int = 2, reps:
     ref = transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(layerdrop=0.0)).train()
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
-        ours = model.load_wav2vec2(tmp).train()
+        ours = model.load_wav2vec2(tmp).train().to(DEVICE)
+    ref.to(DEVICE)
     ours.cfg.layerdrop = 0.0
-    audio = torch.randn(batch, int(seconds * data.SAMPLE_RATE))
+    audio = torch.randn(batch, int(seconds * data.SAMPLE_RATE), device=DEVICE)
 
     def step(m, run):
         m.zero_grad(set_to_none=True)
@@ -136,7 +156,7 @@ def bench_wav2vec2(cfg: BenchConfig, seconds: float = 4.0, batch: int = 2, reps:
     t_ours = _time(lambda: step(ours, lambda m: m(audio)[0]), reps)
     t_hf = _time(lambda: step(ref, lambda m: m(audio).last_hidden_state), reps)
     rows = [("ours: forward + backward", t_ours, t_hf / t_ours), ("HF Wav2Vec2Model: forward + backward", t_hf, 1.0)]
-    _table(f"wav2vec2 base, {batch} x {seconds:.0f} s audio, {torch.get_num_threads()} threads (higher ratio = faster)",
+    _table(f"wav2vec2 base, {batch} x {seconds:.0f} s audio, fp32, {_where()} (higher ratio = faster)",
            rows, "s/step")
     return rows
 
@@ -267,7 +287,7 @@ def _tiny_step(activation_dropout=0.0, math_attention=True, stacked=True, bf16=T
     import model as M
     torch.manual_seed(seed)
     cfg = train.TrainConfig(recipe="const", ctr_weight=1.5, ctr_tau=0.02, activation_dropout=activation_dropout)
-    m = M.SpeechTranslator(train.model_config(cfg, 1000)).train()
+    m = M.SpeechTranslator(train.model_config(cfg, 1000)).train().to(DEVICE)
     if not stacked:     # the peer: one decoder pass per task
         m.decode_stacked = lambda jobs: {t: m.decode(*j) for t, j in jobs.items()}
     opt = torch.optim.Adam(m.parameters(), 1e-4, fused=True)        # as train.py's
@@ -276,7 +296,7 @@ def _tiny_step(activation_dropout=0.0, math_attention=True, stacked=True, bf16=T
     def step():
         M.BF16_CPU_MATH_ATTENTION, M.CPU_RAND_DROPOUT, M.CPU_THREAD_INVARIANT = math_attention, rand_dropout, invariant
         try:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
                 loss, _ = train.objective(cfg, m, batch, ("st", "asr", "mt"), 0, torch.nn.ModuleDict(), {})
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -288,7 +308,7 @@ def _tiny_step(activation_dropout=0.0, math_attention=True, stacked=True, bf16=T
 
 def bench_train_step(cfg: BenchConfig, reps: int = 10) -> list:
     import train
-    bf16 = train.probe_bf16(torch.get_num_threads())[0]
+    bf16 = DEVICE.type == "cuda" or train.probe_bf16(torch.get_num_threads())[0]   # train.py's choice
     variants = {"main job's step (all levers)": {},
                 "with FFN activation dropout 0.1": dict(activation_dropout=0.1),
                 "with one decoder pass per task": dict(stacked=False),
@@ -328,7 +348,7 @@ def _audio_batch(n: int, lo: float, hi: float, seed: int = 0) -> "data.Batch":
     items = [{"id": str(i), "audio": rng.standard_normal(int(rng.uniform(lo, hi) * data.SAMPLE_RATE)).astype(np.float32) * 0.1,
               "src": [5, *rng.integers(6, 1000, int(rng.integers(8, 20))).tolist(), data.EOS_ID],
               "tgt": [6, *rng.integers(6, 1000, int(rng.integers(8, 20))).tolist(), data.EOS_ID]} for i in range(n)]
-    return data.collate(items)
+    return data.collate(items).to(DEVICE)
 
 
 def _hf_pair(preset: str, seed: int = 0, shared_encoder: bool = True) -> tuple:
@@ -361,7 +381,7 @@ def _hf_pair(preset: str, seed: int = 0, shared_encoder: bool = True) -> tuple:
     hf = transformers.SpeechEncoderDecoderModel(encoder=transformers.Wav2Vec2Model(enc),
                                                 decoder=transformers.MBartForCausalLM(dec))
     hf.config.decoder_start_token_id, hf.config.pad_token_id = data.EOS_ID, data.PAD_ID
-    return ours, hf
+    return ours.to(DEVICE), hf.to(DEVICE)
 
 
 def _hf_steps(ours, hf, batch, bf16: bool) -> tuple:
@@ -377,7 +397,7 @@ def _hf_steps(ours, hf, batch, bf16: bool) -> tuple:
         opt = torch.optim.Adam(m.parameters(), 1e-5, fused=True)    # ours: train.py's; HF: its Trainer's default
 
         def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = ce(logits())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -389,6 +409,11 @@ def _hf_steps(ours, hf, batch, bf16: bool) -> tuple:
 
 
 HF_BATCH = {"tiny": (26, 1.6, 3.0), "base": (4, 2.0, 4.0)}      # utterances, shortest and longest seconds
+HF_BATCH_CUDA = {"tiny": (64, 1.6, 3.0), "base": (16, 2.0, 8.0)}  # a GPU needs more work per step to fill
+
+
+def _hf_batch(preset: str) -> tuple:
+    return (HF_BATCH_CUDA if DEVICE.type == "cuda" else HF_BATCH)[preset]
 
 
 def _size(m) -> str:
@@ -402,7 +427,7 @@ def bench_hf_step(cfg: BenchConfig, reps: int = 3, presets=("tiny", "base")) -> 
     for preset in presets:
         ours, hf = _hf_pair(preset)
         same = _hf_pair(preset, shared_encoder=False)[0]
-        batch = _audio_batch(*HF_BATCH[preset])
+        batch = _audio_batch(*_hf_batch(preset))
         for bf16 in (False, True):
             step_ours, step_hf = _hf_steps(ours, hf, batch, bf16)
             t_ours, t_same, t_hf = _time_interleaved([step_ours, _hf_steps(same, hf, batch, bf16)[0], step_hf], reps)
@@ -410,9 +435,9 @@ def bench_hf_step(cfg: BenchConfig, reps: int = 3, presets=("tiny", "base")) -> 
             rows += [(f"{preset} {p}: ours, ConST model ({_size(ours)})", t_ours, t_ours / t_hf),
                      (f"{preset} {p}: ours, HF's architecture ({_size(same)})", t_same, t_same / t_hf),
                      (f"{preset} {p}: HF SpeechEncoderDecoderModel ({_size(hf)})", t_hf, 1.0)]
-    n = {k: v[0] for k, v in HF_BATCH.items()}
-    _table(f"training step (ST cross-entropy, Adam) against Hugging Face, wav2vec2 front end, tiny: {n['tiny']} x "
-           f"1.6-3 s, base: {n['base']} x 2-4 s, {torch.get_num_threads()} threads (ratio = ours / HF's time; goal <= 0.8)",
+    t, b = _hf_batch("tiny"), _hf_batch("base")
+    _table(f"training step (ST cross-entropy, Adam) against Hugging Face, wav2vec2 front end, tiny: {t[0]} x "
+           f"{t[1]}-{t[2]} s, base: {b[0]} x {b[1]}-{b[2]} s, {_where()} (ratio = ours / HF's time; goal <= 0.8)",
            rows, "s/step")
     return rows
 
@@ -426,7 +451,7 @@ def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int 
     for preset in presets:
         ours, hf = _hf_pair(preset)
         same = _hf_pair(preset, shared_encoder=False)[0]
-        n = 8 if preset == "tiny" else 4
+        n = (8 if preset == "tiny" else 4) * (8 if DEVICE.type == "cuda" else 1)
         batch = _audio_batch(n, 2.0, 3.0)
         counts = {}
 
@@ -443,7 +468,7 @@ def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int 
             def run():
                 m.decode = no_eos
                 try:
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
                         low, lens = m.encode_speech(batch.audio, batch.audio_lens)
                         hyps = m.generate(m.encode(low, lens), lens, 6, beam=beam, max_len_a=0, max_len_b=length + 1)
                 finally:
@@ -454,7 +479,7 @@ def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int 
         def hf_searcher(bf16):
             @torch.no_grad()
             def run():
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
                     out = hf.eval().generate(input_values=batch.audio, num_beams=beam, do_sample=False,
                                              min_new_tokens=length, max_new_tokens=length,
                                              decoder_start_token_id=data.EOS_ID, eos_token_id=data.EOS_ID,
@@ -465,7 +490,7 @@ def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int 
         def encoder_alone(bf16):                  # the floor of ours' search: its speech encoder, no decoding
             @torch.no_grad()
             def run():
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
                     same.encode(*same.encode_speech(batch.audio, batch.audio_lens))
             return run
         for bf16 in precisions:
@@ -477,7 +502,7 @@ def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int 
                      (f"{preset} {p}: ours, HF's architecture, {counts['same']:.0f} tokens", t_same / n, t_same / t_hf),
                      (f"{preset} {p}: ours, HF's architecture, its encoder alone (no search)", t_enc / n, t_enc / t_hf),
                      (f"{preset} {p}: HF generate, {counts['hf']:.0f} tokens/sentence", t_hf / n, 1.0)]
-    _table(f"beam search ({beam} beams) from audio against Hugging Face's generate, {torch.get_num_threads()} threads "
+    _table(f"beam search ({beam} beams) from audio against Hugging Face's generate, {_where()} "
            f"(ratio = ours / HF's time; goal <= 0.7)", rows, "s/sentence")
     return rows
 
@@ -485,7 +510,8 @@ def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int 
 def _matmul_peak(bf16: bool, n: int = 2048, reps: int = 5) -> float:
     """FLOP/s of an n x n matrix product in this precision: the reachable peak that MFU divides by."""
     dt = torch.bfloat16 if bf16 else torch.float32
-    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+    n = 8192 if DEVICE.type == "cuda" else n
+    a, b = torch.randn(n, n, dtype=dt, device=DEVICE), torch.randn(n, n, dtype=dt, device=DEVICE)
     return 2 * n ** 3 / _time(lambda: a @ b, reps)
 
 
@@ -500,8 +526,8 @@ def bench_mfu(cfg: BenchConfig, reps: int = 3, presets=("tiny", "base")) -> list
         steps["tiny (the main job's step: log-mel, const, 26 utterances)"] = _tiny_step(bf16=bf16)
     if "base" in presets:
         ours, hf = _hf_pair("base")
-        steps[f"base (wav2vec2, ST, {HF_BATCH['base'][0]} utterances)"] = \
-            _hf_steps(ours, hf, _audio_batch(*HF_BATCH["base"]), bf16)[0]
+        steps[f"base (wav2vec2, ST, {_hf_batch('base')[0]} utterances)"] = \
+            _hf_steps(ours, hf, _audio_batch(*_hf_batch("base")), bf16)[0]
     peak = _matmul_peak(bf16)
     rows = []
     for name, step in steps.items():
@@ -511,8 +537,9 @@ def bench_mfu(cfg: BenchConfig, reps: int = 3, presets=("tiny", "base")) -> list
         t = _time(step, reps)
         flops = counter.get_total_flops()
         rows.append((name, flops / t / 1e9, flops / t / peak))
-    print(f"\n## model FLOP utilisation, {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads; peak = a 2048^2 "
-          f"matrix product here: {peak / 1e9:.0f} GFLOP/s (goal: base >= 30 %)")
+    n = 8192 if DEVICE.type == "cuda" else 2048
+    print(f"\n## model FLOP utilisation, {'bf16' if bf16 else 'fp32'}, {_where()}; peak = a {n}^2 "
+          f"matrix product here: {peak / 1e9:.0f} GFLOP/s (goal: base >= 30 % on a CPU, >= 40 % on a GPU)")
     print(f"| {'step':<62} | {'GFLOP/s':>8} | {'MFU':>6} |\n|{'-' * 64}|{'-' * 10}|{'-' * 8}|")
     for name, g, mfu in rows:
         print(f"| {name:<62} | {g:>8.1f} | {mfu * 100:>5.1f}% |")
@@ -525,13 +552,16 @@ def main():
         p.add_argument(f"--{k}", type=type(v.default), default=v.default)
     cfg = BenchConfig(**vars(p.parse_args()))
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    global DEVICE
+    DEVICE = torch.device(cfg.device)
+    on_gpu = ("wav2vec2", "hf_step", "generate", "mfu")       # the others measure CPU code paths
     benches = {"data": bench_data, "wav2vec2": bench_wav2vec2, "decode": bench_decode, "sinkhorn": bench_sinkhorn,
                "attention": bench_attention, "pos_conv": bench_pos_conv,
                "feature_conv": bench_feature_conv, "train_step": bench_train_step,
                "precision": bench_precision,
                "hf_step": bench_hf_step, "generate": bench_generate, "mfu": bench_mfu}
     for name, run in benches.items():
-        if cfg.only in ("", name):
+        if cfg.only in ("", name) and (DEVICE.type == "cpu" or name in on_gpu):
             run(cfg)
 
 

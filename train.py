@@ -570,7 +570,7 @@ def train(cfg: TrainConfig, bar=None) -> dict:
     # -- the loop
     from tqdm import tqdm
     log_file = open(out_dir / "log.jsonl", "a" if cfg.resume else "w") if main_proc else None
-    t_start, t_log, utts, losses_sum, n_log = time.time(), time.time(), 0, {}, 0
+    t_start, t_log, utts, toks, losses_sum, n_log = time.time(), time.time(), 0, 0, {}, 0
     batches = iter(loader)
     history, notes, t_saved = [], [], time.time()
     own_bar = bar is None
@@ -609,6 +609,7 @@ def train(cfg: TrainConfig, bar=None) -> dict:
             except StopIteration:
                 batches = iter(loader)
                 batch = next(batches)
+            toks += int(batch.tgt_lens.sum())          # target tokens, counted on the host: no GPU sync
             batch = batch.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss, terms = objective(cfg, net, batch, tasks, step, aux, tables)
@@ -650,15 +651,16 @@ def train(cfg: TrainConfig, bar=None) -> dict:
             losses_sum[k] = losses_sum.get(k, 0.0) + v
         n_log += 1
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            rate = utts * world / (time.time() - t_log)
+            seconds = time.time() - t_log
             record = {"step": step, **{k: round(v / n_log, 4) for k, v in losses_sum.items()},
                       "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 3),
-                      "utt_per_s": round(rate, 1), "minutes": round((time.time() - t_start) / 60, 2)}
+                      "utt_per_s": round(utts * world / seconds, 1), "tok_per_s": round(toks * world / seconds),
+                      "minutes": round((time.time() - t_start) / 60, 2)}
             bar.write(" ".join(f"{k} {v}" for k, v in record.items())) if main_proc else None
             if log_file:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-            t_log, utts, losses_sum, n_log = time.time(), 0, {}, 0
+            t_log, utts, toks, losses_sum, n_log = time.time(), 0, 0, {}, 0
         if main_proc and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             import evaluate
             task = "mt" if text_stage else "st"

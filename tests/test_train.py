@@ -35,6 +35,10 @@ def test_loss_falls(tiny_corpus, tmp_path):
     assert sum(ctc[-5:]) / 5 < 0.8 * sum(ctc[:5]) / 5
     ckpt = M.load_checkpoint(tmp_path / "last.pt")         # weights_only=True loads it
     assert ckpt["step"] == 40 and ckpt["config"]["lr"] == 3e-3 and ckpt["sampler"]["seed"] == 5
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    # throughput: target tokens per second, between 4 and 60 tokens per utterance on the tiny corpus
+    rates = [r for r in log if "utt_per_s" in r]
+    assert rates and all(4 * r["utt_per_s"] < r["tok_per_s"] < 60 * r["utt_per_s"] for r in rates)
 
 
 def test_resume_is_exact(tiny_corpus, tmp_path):
