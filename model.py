@@ -361,6 +361,7 @@ class Wav2Vec2ConvLayer(nn.Module):
 # one long sequence (4x slower at 64 channels x 195k frames than over 26 pieces of 7.5k), so fp32 keeps it.
 # `bench.py --only feature_conv` times the bf16 path against F.conv1d.
 CPU_MATMUL_CONV = True          # False: F.conv1d in bf16 too
+CPU_PER_UTTERANCE_CONV = True   # False: F.conv1d over the batch on a CPU too (what a GPU runs)
 
 
 class StridedConv1dMatmul(torch.autograd.Function):
@@ -417,9 +418,10 @@ class Wav2Vec2FeatureEncoder(nn.Module):
         return self._convolutions(audio, lens)
 
     def _convolutions(self, audio: torch.Tensor, lens: torch.Tensor | None) -> torch.Tensor:
-        """F.conv1d, in fp32 on a CPU and on a GPU."""
-        # One utterance at a time: oneDNN runs these convolutions (forward and backward) 1.7x faster over
-        # one padded utterance than over the batch at the tiny shapes in fp32, 1.1-1.2x at the others
+        """F.conv1d: on a CPU in fp32, the long early layers one utterance at a time; on a GPU every layer
+        over the batch, as Hugging Face runs them."""
+        # On a CPU, one utterance at a time: oneDNN runs these convolutions (forward and backward) 1.7x faster
+        # over one padded utterance than over the batch at the tiny shapes in fp32, 1.1-1.2x at the others
         # (measured in the closing note of issue 11). Every utterance keeps the batch's padded length, so no new
         # kernels are built per utterance (with own lengths, 26 utterances overflow oneDNN's primitive cache and
         # the tiny step runs 2x slower).
@@ -433,19 +435,24 @@ class Wav2Vec2FeatureEncoder(nn.Module):
         B, S, cfg = audio.shape[0], torch.tensor(audio.shape[1]), self.cfg
         outputs = [B * cfg.conv_dim[i] * conv_out_lengths(S, cfg.conv_kernel[:i + 1], cfg.conv_stride[:i + 1]).item()
                    for i in range(len(cfg.conv_dim))]
-        # layer 0 stays apart: its norm is per utterance
         n_apart = next((i for i in range(1, len(outputs)) if outputs[i] <= 2_000_000), len(outputs))
-        parts = []
-        for b, x in enumerate(audio[:, None].split(1)):
-            for i, layer in enumerate(self.conv_layers[:n_apart]):
-                x = layer.conv(x)
-                if i == 0:
-                    x = masked_group_norm(x, layer.layer_norm, None if mask is None else mask[b:b + 1])
-                x = F.gelu(x)
-            parts.append(x)
-        x = torch.cat(parts)
-        for layer in self.conv_layers[n_apart:]:
-            x = F.gelu(layer.conv(x))
+        n_apart = n_apart if audio.device.type == "cpu" and CPU_PER_UTTERANCE_CONV else 0
+        x = audio[:, None]
+        if n_apart:
+            parts = []
+            for b, x in enumerate(x.split(1)):
+                for i, layer in enumerate(self.conv_layers[:n_apart]):
+                    x = layer.conv(x)
+                    if i == 0:
+                        x = masked_group_norm(x, layer.layer_norm, None if mask is None else mask[b:b + 1])
+                    x = F.gelu(x)
+                parts.append(x)
+            x = torch.cat(parts)
+        for i, layer in enumerate(self.conv_layers[n_apart:], n_apart):
+            x = layer.conv(x)
+            if i == 0:
+                x = masked_group_norm(x, layer.layer_norm, mask)
+            x = F.gelu(x)
         return x
 
     def _one_sequence(self, audio: torch.Tensor, lens: torch.Tensor | None) -> torch.Tensor:

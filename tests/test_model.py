@@ -593,3 +593,22 @@ def test_feature_encoder_as_one_sequence_at_own_lengths_equals_padded_convolutio
             fe(audio, None)
     fe(audio, None)
     assert len(calls) == 1
+
+
+def test_feature_encoder_over_the_batch_as_on_a_gpu_equals_the_per_utterance_path(monkeypatch):
+    """A GPU runs every convolution over the padded batch (layer 0's norm masked per utterance); a CPU in fp32
+    runs the long early layers one utterance at a time. Same values and weight gradients on valid frames."""
+    torch.manual_seed(0)
+    cfg = model.model_config("tiny", frontend="wav2vec2").w2v
+    fe = model.Wav2Vec2FeatureEncoder(cfg)
+    audio, lens = torch.randn(3, 16123), torch.tensor([16123, 9600, 7001])
+    n = model.conv_out_lengths(lens, cfg.conv_kernel, cfg.conv_stride)
+    runs = []
+    for per_utterance in (True, False):
+        monkeypatch.setattr(model, "CPU_PER_UTTERANCE_CONV", per_utterance)
+        fe.zero_grad()
+        y = fe(audio, lens) * ~model.lengths_to_padding_mask(n, 50)[:, None]
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+        runs.append([y.detach(), *(p.grad.clone() for p in fe.parameters())])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
