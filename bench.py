@@ -368,7 +368,7 @@ def _hf_pair(preset: str, seed: int = 0, shared_encoder: bool = True) -> tuple:
     mc.w2v.layerdrop = 0.0
     ours = M.SpeechTranslator(mc)
     w = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(mc.w2v).items()
-         if k != "gradient_checkpointing"}
+         if k not in ("gradient_checkpointing", "feature_grad_mult")}
     enc = transformers.Wav2Vec2Config(**w, add_adapter=True, num_adapter_layers=mc.adaptor_layers, adapter_kernel_size=5,
                                       adapter_stride=2, output_hidden_size=mc.d_model)
     dec = transformers.MBartConfig(vocab_size=mc.vocab_size, d_model=mc.d_model, decoder_layers=mc.decoder_layers,

@@ -20,7 +20,7 @@ import json
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -59,6 +59,10 @@ class Wav2Vec2Config:
     activation_dropout: float = 0.0
     feat_proj_dropout: float = 0.1
     layerdrop: float = 0.05
+    # fairseq's, not in HF's config: the gradient into the convolutional feature encoder is scaled by this (0:
+    # the encoder is frozen). ConST builds wav2vec2 from wav2vec_small.pt's own args, which carry the base
+    # pre-training value 0.1 (METHODS §1.3); load_wav2vec2 reads it from a fairseq checkpoint's args.
+    feature_grad_mult: float = 1.0
     gradient_checkpointing: bool = False
 
     @classmethod
@@ -648,6 +652,19 @@ class Wav2Vec2Encoder(nn.Module):
         return packed.unpack(x)
 
 
+class GradMultiply(torch.autograd.Function):
+    """The identity forward; the gradient times `scale` backward (fairseq's GradMultiply)."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
 class Wav2Vec2Model(nn.Module):
     """wav2vec2 with Hugging Face's module and parameter names.
 
@@ -675,7 +692,14 @@ class Wav2Vec2Model(nn.Module):
     def forward(self, audio: torch.Tensor, lens: torch.Tensor | None = None) -> tuple:
         if lens is None:
             lens = torch.full((audio.shape[0],), audio.shape[1], dtype=torch.long, device=audio.device)
-        feats = self.feature_extractor(audio, lens).transpose(1, 2)     # (B, T, C)
+        if self.cfg.feature_grad_mult > 0:
+            feats = self.feature_extractor(audio, lens)
+            if self.cfg.feature_grad_mult != 1.0:
+                feats = GradMultiply.apply(feats, self.cfg.feature_grad_mult)
+        else:
+            with torch.no_grad():
+                feats = self.feature_extractor(audio, lens)
+        feats = feats.transpose(1, 2)                                    # (B, T, C)
         out_lens = self.output_lengths(lens)
         pad_mask = lengths_to_padding_mask(out_lens, feats.shape[1])
         pad_mask = pad_mask if pad_mask.any() else None
@@ -799,7 +823,8 @@ def _fairseq_config(ckpt: dict, path: Path) -> Wav2Vec2Config:
         hidden_size=m.get("encoder_embed_dim", 768), num_hidden_layers=m.get("encoder_layers", 12),
         num_attention_heads=m.get("encoder_attention_heads", 12),
         intermediate_size=m.get("encoder_ffn_embed_dim", 3072), num_conv_pos_embeddings=m.get("conv_pos", 128),
-        num_conv_pos_embedding_groups=m.get("conv_pos_groups", 16), layerdrop=m.get("encoder_layerdrop", 0.05))
+        num_conv_pos_embedding_groups=m.get("conv_pos_groups", 16), layerdrop=m.get("encoder_layerdrop", 0.05),
+        feature_grad_mult=m.get("feature_grad_mult", 1.0))
 
 
 def load_wav2vec2(path: str | Path) -> Wav2Vec2Model:
@@ -1028,6 +1053,7 @@ class SpeechTranslator(nn.Module):
         self.cfg = cfg
         if cfg.frontend == "wav2vec2":
             self.wav2vec2 = load_wav2vec2(cfg.w2v_path) if cfg.w2v_path else Wav2Vec2Model(cfg.w2v)
+            self.cfg = cfg = replace(cfg, w2v=self.wav2vec2.cfg)      # checkpoints record what was loaded
             front_dim = self.wav2vec2.cfg.hidden_size
         elif cfg.frontend == "logmel":
             self.logmel = LogMelFrontend(cfg)

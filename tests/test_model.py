@@ -98,7 +98,7 @@ def fairseq_checkpoint(ref, path, args: bool = True):
     spec = "[(32, 10, 5), (32, 3, 2), (32, 2, 2)]"
     m = dict(extractor_mode="default", layer_norm_first=False, conv_feature_layers=spec, conv_bias=False,
              encoder_embed_dim=48, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_embed_dim=96,
-             conv_pos=16, conv_pos_groups=4, encoder_layerdrop=0.05)
+             conv_pos=16, conv_pos_groups=4, encoder_layerdrop=0.05, feature_grad_mult=0.1)
     ckpt = {"model": state, "args": argparse.Namespace(**m)} if args else {"model": state, "cfg": {"model": m}}
     torch.save(ckpt, path)
     return path
@@ -112,6 +112,40 @@ def test_fairseq_checkpoint_loads(tmp_path, args):
     audio = torch.randn(1, 3000)
     with torch.no_grad():
         assert (ours(audio)[0] - hf_run(ref, audio)).abs().max() <= 1e-4
+    assert ours.cfg.feature_grad_mult == 0.1                      # the checkpoint's args, as ConST builds it
+    assert load_wav2vec2(tmp_path / "small").cfg.feature_grad_mult == 1.0     # HF's config has none
+
+
+def test_feature_grad_mult_scales_the_feature_encoders_gradient_only(tmp_path):
+    """fairseq's feature_grad_mult: the same forward; the convolutions' gradients times the factor, every
+    other gradient unchanged; 0 freezes the convolutions (no gradient at all). The translator's checkpoints
+    record the loaded wav2vec2's config."""
+    torch.manual_seed(0)
+    cfg = Wav2Vec2Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in SMALL.items()}, hidden_dropout=0.0,
+                         attention_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0)
+    w2v = Wav2Vec2Model(cfg).train()
+    audio = torch.randn(2, 4000)
+    runs = {}
+    for mult in (1.0, 0.1, 0.0):
+        w2v.cfg.feature_grad_mult = mult
+        w2v.zero_grad(set_to_none=True)
+        y, _ = w2v(audio)
+        y.pow(2).mean().backward()
+        runs[mult] = (y.detach(), {n: None if p.grad is None else p.grad.clone() for n, p in w2v.named_parameters()})
+    conv = [n for n in runs[1.0][1] if n.startswith("feature_extractor.")]
+    rest = [n for n in runs[1.0][1] if n not in conv and runs[1.0][1][n] is not None]
+    assert conv and rest and torch.equal(runs[0.1][0], runs[1.0][0]) and torch.equal(runs[0.0][0], runs[1.0][0])
+    for n in conv:                                  # tolerances relative to each gradient's own size
+        g = runs[1.0][1][n]
+        assert g.abs().max() > 0 and runs[0.0][1][n] is None
+        torch.testing.assert_close(runs[0.1][1][n], 0.1 * g, rtol=1e-3, atol=1e-4 * float(g.abs().max()))
+    for n in rest:
+        g = runs[1.0][1][n]
+        torch.testing.assert_close(runs[0.1][1][n], g, rtol=1e-3, atol=1e-4 * float(g.abs().max()))
+    ref, _ = hf_model(tmp_path)
+    path = fairseq_checkpoint(ref, tmp_path / "wav2vec_small.pt", True)
+    st = model.SpeechTranslator(model.model_config("tiny", frontend="wav2vec2", w2v_path=str(path)))
+    assert st.cfg.w2v.feature_grad_mult == 0.1 and st.cfg.w2v.hidden_size == 48
 
 
 def test_bad_checkpoints_name_the_key(tmp_path):
