@@ -507,8 +507,8 @@ def train(cfg: TrainConfig, bar=None) -> dict:
                                          num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed))
 
     # -- model and optimiser
-    mcfg = model_config(cfg, len(vocab))
-    model = M.SpeechTranslator(mcfg).to(device)
+    model = M.SpeechTranslator(model_config(cfg, len(vocab))).to(device)
+    mcfg = model.cfg                   # with the loaded wav2vec2's own config when --w2v_path gives one
     if cfg.init_from:
         init = M.load_checkpoint(cfg.init_from)
         missing, unexpected = model.load_state_dict(init["model"], strict=False)

@@ -441,6 +441,10 @@ def test_pretrained_wav2vec2_inside_the_translator_and_freezing(tmp_path):
     m.wav2vec2.encoder.cfg.layerdrop = 0.0      # a dropped layer 0 would have no gradient for a reason other than freezing
     m(fake_batch(), ("st",)).logits["st"].float().pow(2).mean().backward()
     assert m.wav2vec2.encoder.layers[0].attention.q_proj.weight.grad is not None
+    # a checkpoint records the loaded wav2vec2's shape (48 wide, not the tiny preset's 256): it rebuilds
+    import dataclasses
+    again = model.SpeechTranslator.from_checkpoint({"model": m.state_dict(), "model_config": dataclasses.asdict(m.cfg)})
+    assert again.cfg.w2v.hidden_size == 48 and again.cfg.w2v_path == ""
 
 
 def test_stacked_decoder_pass_equals_one_pass_per_task():
