@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from data import EOS_ID, PAD_ID, BadInput, Missing, lengths_to_padding_mask
@@ -163,19 +162,18 @@ class Dropout(nn.Dropout):
 
 def attention(q, k, v, mask=None, causal: bool = False, p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v with dropout p on the weights; q (B, H, L, d), k, v (B, H, T, d),
-    mask (B, 1, 1, T) True where a key may be attended. Training on a CPU (p > 0) spells the math path out
-    so that its dropout is the cheap one above; otherwise scaled_dot_product_attention."""
-    if p == 0.0 or q.device.type != "cpu" or not CPU_RAND_DROPOUT:
-        if BF16_CPU_MATH_ATTENTION and q.requires_grad and q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            with sdpa_kernel(SDPBackend.MATH):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
+    mask (B, 1, 1, T) True where a key may be attended. On a CPU the math is spelled out when training
+    (p > 0: so that its dropout is the cheap one above) and in bf16 (below); otherwise
+    scaled_dot_product_attention."""
+    cpu = q.device.type == "cpu"
+    if not (cpu and ((p > 0.0 and CPU_RAND_DROPOUT) or (q.dtype == torch.bfloat16 and BF16_CPU_MATH_ATTENTION))):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores.masked_fill_(~mask, float("-inf"))       # in place: the product is not needed for its backward
     if causal:
         L, T = scores.shape[-2:]
-        scores = scores.masked_fill(torch.ones(L, T, dtype=torch.bool, device=q.device).triu(T - L + 1), float("-inf"))
+        scores.masked_fill_(torch.ones(L, T, dtype=torch.bool, device=q.device).triu(T - L + 1), float("-inf"))
     fp32 = scores.dtype == torch.float32 and CPU_THREAD_INVARIANT
     weights = _InvariantSoftmax.apply(scores) if fp32 else scores.softmax(-1)
     return dropout(weights, p, True) @ v
@@ -197,8 +195,10 @@ class _InvariantSoftmax(torch.autograd.Function):
             return torch._softmax_backward_data(g, y, -1, y.dtype)
 
 
-# torch 2.13's CPU flash kernel runs bf16 backward 2-6x slower than the math path at the tiny model's
-# shapes (bench.py --only attention), so bf16 training on a CPU takes the math path (same values).
+# torch 2.13's CPU flash kernel is slow in bf16: its backward 2-6x slower than the math path at the tiny model's
+# shapes (bench.py --only attention), and its forward 1.5x (wav2vec2 base, 4 x 150 frames: 4.3 vs 2.9 ms a
+# layer) to 2x (one beam-search query over 12 cached keys: 168 vs 87 us). So bf16 on a CPU spells the math out
+# (the same values to rounding); fp32 keeps the flash kernel, which is the faster one there (3.9 vs 5.0 ms).
 BF16_CPU_MATH_ATTENTION = True
 
 
@@ -469,21 +469,52 @@ class Wav2Vec2FeatureEncoder(nn.Module):
         lens = torch.full((B,), S) if lens is None else lens.cpu()
         own = ((lens + hop - 1) // hop * hop).tolist()                   # samples per utterance, hop-aligned
         audio = F.pad(audio, (0, max(own) - S)) if max(own) > S else audio
-        x = torch.cat([a[:n] for a, n in zip(audio, own)])[:, None]       # (N, 1)
-        x = StridedConv1dMatmul.apply(x, first.conv.weight, first.conv.bias, cfg.conv_stride[0])
-        # layer 0's norm (one group per channel: a norm over time) over each utterance's valid frames, as
-        # masked_group_norm; in (frames, C), batch_norm is that statistic per channel without a transpose
-        seg = [n // cfg.conv_stride[0] for n in own]
         valid = conv_out_lengths(lens, cfg.conv_kernel[:1], cfg.conv_stride[:1]).tolist()
-        nm = first.layer_norm
-        x = torch.cat([F.pad(F.batch_norm(xb[:n], None, None, nm.weight, nm.bias, True, 0.0, nm.eps),
-                             (0, 0, 0, len(xb) - n)) for xb, n in zip(x.split(seg), valid)])
-        x = F.gelu(x)                                                     # (N / 5, C)
+        x = first_layer_folded(first, audio, own, valid)                  # (N / 5, C)
+        grad = torch.is_grad_enabled()
         for layer in self.conv_layers[1:]:
-            x = F.gelu(StridedConv1dMatmul.apply(x, layer.conv.weight, layer.conv.bias, layer.conv.stride[0]))
+            x = StridedConv1dMatmul.apply(x, layer.conv.weight, layer.conv.bias, layer.conv.stride[0])
+            x = F.gelu(x) if grad else torch.ops.aten.gelu_(x)            # decoding: no new 10-35 MB tensor
         T = conv_out_lengths(torch.tensor(S), cfg.conv_kernel, cfg.conv_stride).item()
         parts = x.split([n // hop for n in own])
         return torch.stack([F.pad(p[:T], (0, 0, 0, T - min(len(p), T))) for p in parts]).transpose(1, 2)
+
+
+def first_layer_folded(layer: "Wav2Vec2ConvLayer", audio: torch.Tensor, own: list, valid: list) -> torch.Tensor:
+    """GELU(GroupNorm(conv(x))) of wav2vec2's first layer (one input channel, one group per channel), each
+    utterance normalised over its valid frames, as ONE matrix product per utterance: the norm folded into
+    the weights. With x_t the window (K samples) of frame t, mu and Sigma their mean and covariance over the
+    valid frames, a channel's output w.x_t + b has mean w.mu + b and variance w' Sigma w, so
+        gamma (w.x_t + b - mean) / sqrt(var + eps) + beta = (s w).x_t + (beta - s w.mu),  s = gamma / sqrt(var + eps)
+    (the conv bias cancels). The statistics come from the audio (K x K, in float64), not from a pass over the
+    (frames x 512) output: that pass, its gradient and its copies were a third of the layer's time.
+    audio (B, S) with S >= max(own); own[b] samples of utterance b (a multiple of the stride); valid[b] its
+    conv_out_lengths -> (sum(own) / stride, C) in the autocast dtype, GELU applied; frames past valid[b] are
+    padding (normalised like the rest; no valid frame of the next layer reads them)."""
+    K, s = layer.conv.kernel_size[0], layer.conv.stride[0]
+    norm, w = layer.layer_norm, layer.conv.weight[:, 0].t()           # w (K, C)
+    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else audio.dtype
+    grad = torch.is_grad_enabled()
+    parts = []
+    for a, n, v in zip(audio, own, valid):
+        win = F.pad(a[:n], (0, K - s)).unfold(0, K, s)                 # (n / s, K): frame t reads s t .. s t + K - 1
+        with torch.autocast("cpu", enabled=False):
+            xs = win[:v].double()
+            mu = xs.mean(0)
+            cov = (xs - mu).t() @ (xs - mu) / v                         # (K, K)
+            w64 = w.double()
+            scale = norm.weight.double() / torch.sqrt(((cov @ w64) * w64).sum(0) + norm.eps)
+            w_folded = w64 * scale
+            parts.append((norm.bias.double() - mu @ w_folded, win, w_folded))
+    if grad:
+        with torch.autocast("cpu", enabled=False):
+            return F.gelu(torch.cat([torch.addmm(b.to(dt), x.to(dt), m.to(dt)) for b, x, m in parts]))
+    y = torch.empty(sum(len(x) for _, x, _ in parts), w.shape[1], dtype=dt, device=audio.device)
+    start = 0
+    for b, x, m in parts:                     # decoding: written in place, no 35 MB concatenation
+        torch.addmm(b.to(dt), x.to(dt), m.to(dt), out=y[start:start + len(x)])
+        start += len(x)
+    return torch.ops.aten.gelu_(y)
 
 
 class Wav2Vec2FeatureProjection(nn.Module):
@@ -520,25 +551,41 @@ def fft_length(m: int) -> int:
         n += 1
 
 
+def kernel_spectrum(w: torch.Tensor, groups: int, n: int) -> torch.Tensor:
+    """w (C, C/G, K) -> W (G, n/2 + 1, C/G, C/G) complex64: per group and frequency, the matrix that multiplies
+    the input's spectrum (the kernel flipped: a correlation is a convolution with the kernel reversed)."""
+    C, Ci, _ = w.shape
+    with torch.autocast(w.device.type, enabled=False):
+        return torch.fft.rfft(w.float().flip(-1), n).view(groups, C // groups, Ci, -1).permute(0, 3, 1, 2)
+
+
+def spectral_conv(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor, n: int, K: int) -> tuple:
+    """F.conv1d(x, w, bias, padding=K//2, groups=G)[..., :T] from the kernel's spectrum W (kernel_spectrum):
+    Y(f) = W(f) X(f) per group and frequency, in fp32. x (B, C, T) -> (y (B, C, T) in x's dtype, X)."""
+    (B, C, T), G = x.shape, W.shape[0]
+    s = K - 1 - K // 2                                       # n >= T + K - 1: no wrap-around; output t sits at s + t
+    with torch.autocast(x.device.type, enabled=False):     # the complex products stay in fp32
+        X = torch.fft.rfft(x.float(), n).view(B, G, C // G, -1).permute(1, 3, 2, 0)      # (G, F, Ci, B)
+        Y = (W @ X).permute(3, 0, 2, 1).reshape(B, C, -1)                                # (B, C, F)
+        y = torch.fft.irfft(Y, n)[..., s:s + T] + bias.float()[:, None]
+    return y.to(x.dtype), X
+
+
 class GroupedConv1dFFT(torch.autograd.Function):
     """y[b, o, t] = bias[o] + sum_{i,k} w[o, i, k] x[b, g(o) Ci + i, t + k - K//2], t < T: F.conv1d(x, w, bias,
-    padding=K//2, groups=G)[..., :T] computed in fp32 as Y(f) = W(f) X(f) per group and frequency, with W the
-    spectrum of the flipped kernel (a correlation is a convolution with the kernel reversed). The gradients
-    are the adjoint products: gX(f) = W(f)^H gY(f), gW(f) = gY(f) X(f)^H (summed over the batch).
+    padding=K//2, groups=G)[..., :T] computed in fp32 as Y(f) = W(f) X(f) per group and frequency (above).
+    The gradients are the adjoint products: gX(f) = W(f)^H gY(f), gW(f) = gY(f) X(f)^H (summed over the batch).
     x (B, C, T), w (C, C/G, K), bias (C,) -> (B, C, T) in x's dtype."""
 
     @staticmethod
     def forward(ctx, x, w, bias, groups: int):
-        (B, C, T), K, G = x.shape, w.shape[-1], groups
-        n, s = fft_length(T + K - 1), K - 1 - K // 2            # no wrap-around; output t sits at s + t
-        with torch.autocast(x.device.type, enabled=False):     # the complex products stay in fp32
-            X = torch.fft.rfft(x.float(), n).view(B, G, C // G, -1).permute(1, 3, 2, 0)         # (G, F, Ci, B)
-            W = torch.fft.rfft(w.float().flip(-1), n).view(G, C // G, C // G, -1).permute(0, 3, 1, 2)  # (G, F, Co, Ci)
-            Y = (W @ X).permute(3, 0, 2, 1).reshape(B, C, -1)                                   # (B, C, F)
-            y = torch.fft.irfft(Y, n)[..., s:s + T] + bias.float()[:, None]
+        (B, C, T), K = x.shape, w.shape[-1]
+        n = fft_length(T + K - 1)
+        W = kernel_spectrum(w, groups, n)
+        y, X = spectral_conv(x, W, bias, n, K)
         ctx.save_for_backward(X, W)
-        ctx.dims = (B, C, T, K, G, n, s, x.dtype)
-        return y.to(x.dtype)
+        ctx.dims = (B, C, T, K, groups, n, K - 1 - K // 2, x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, gy):
@@ -551,14 +598,16 @@ class GroupedConv1dFFT(torch.autograd.Function):
         return gx.to(dtype), gw, gy.float().sum((0, 2)), None
 
 
-def fft_pays(x: torch.Tensor, w: torch.Tensor) -> bool:
+def fft_pays(x: torch.Tensor, w: torch.Tensor, spectrum_known: bool = False) -> bool:
     """Does the FFT path beat F.conv1d for x (B, C, T) and w (C, C/G, K)? The cost model, per channel pair:
-    direct ~ B T K / speed, FFT ~ n (B + 20) (20: the kernel's spectrum). 15: the bf16 convolution's speed with
-    48 channels per group over the FFT path's, per element; with 16 channels per group (tiny) oneDNN runs at
-    40 % of that (bench.py --only pos_conv); fp32 convolutions are slower still."""
+    direct ~ B T K / speed, FFT ~ n (B + 20) (20: the kernel's spectrum; 0 when it is known, as in inference).
+    15: the bf16 convolution's speed with 48 channels per group over the FFT path's, per element; with 16
+    channels per group (tiny) oneDNN runs at 40 % of that (bench.py --only pos_conv); fp32 convolutions are
+    slower still."""
     (B, C, T), K = x.shape, w.shape[-1]
     speed = 15 if w.shape[1] > 16 else 15 * 0.4
-    return CPU_FFT_POS_CONV and x.device.type == "cpu" and B * T * K > speed * fft_length(T + K - 1) * (B + 20)
+    fixed = 0 if spectrum_known else 20
+    return CPU_FFT_POS_CONV and x.device.type == "cpu" and B * T * K > speed * fft_length(T + K - 1) * (B + fixed)
 
 
 def positional_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
@@ -569,17 +618,49 @@ def positional_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, groups
     return F.conv1d(x, w, bias, padding=K // 2, groups=groups)[..., :T]   # an even K yields one frame too many
 
 
+def spectrum_length(m: int) -> int:
+    """The smallest c 2^a >= m with c in 4..7: few distinct lengths (at most 25 % padding), so that inference
+    on batches of every length reuses a handful of cached kernel spectra."""
+    a = max(0, (m - 1).bit_length() - 3)
+    return min(c << a for c in (4, 5, 6, 7, 8) if c << a >= m)
+
+
 class Wav2Vec2PositionalConvEmbedding(nn.Module):
-    """Relative positions from a wide grouped convolution with weight norm over the kernel axis."""
+    """Relative positions from a wide grouped convolution with weight norm over the kernel axis.
+
+    When no gradient is wanted (decoding, or a frozen wav2vec2), a CPU keeps the kernel's spectrum between
+    calls (until the weights change; one per FFT length, the last two lengths): the FFT path is then 5x
+    faster than oneDNN's convolution at base's 4 x 2-3 s (7.7 vs 36 ms in bf16, 7.3 vs 49 in fp32), where
+    computing the spectrum afresh (63 ms) made it slower."""
 
     def __init__(self, cfg: Wav2Vec2Config):
         super().__init__()
         k = cfg.num_conv_pos_embeddings
         conv = nn.Conv1d(cfg.hidden_size, cfg.hidden_size, k, padding=k // 2, groups=cfg.num_conv_pos_embedding_groups)
         self.conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+        self._spectra = {}            # n -> the kernel's spectrum; "key" -> the weights it was computed from
+
+    def _spectrum(self, n: int) -> torch.Tensor:
+        params = list(self.conv.parameters())
+        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
+        if self._spectra.get("key") != key:
+            self._spectra = {"key": key}
+        if n not in self._spectra:
+            if len(self._spectra) > 2:
+                del self._spectra[next(k for k in self._spectra if k != "key")]    # the oldest length
+            self._spectra[n] = kernel_spectrum(self.conv.weight.detach(), self.conv.groups, n).contiguous()
+        return self._spectra[n]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, T, D) -> (B, T, D)
-        y = positional_conv(x.transpose(1, 2), self.conv.weight, self.conv.bias, self.conv.groups)
+        x = x.transpose(1, 2)
+        v = self.conv.parametrizations.weight.original1     # the weight's direction: the weight's shape
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.conv.parameters()))
+        if not grad and fft_pays(x, v, spectrum_known=True):
+            K = v.shape[-1]
+            n = spectrum_length(x.shape[-1] + K - 1)
+            y = spectral_conv(x, self._spectrum(n), self.conv.bias, n, K)[0]
+        else:
+            y = positional_conv(x, self.conv.weight, self.conv.bias, self.conv.groups)
         return F.gelu(y).transpose(1, 2)
 
 

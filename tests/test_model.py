@@ -494,6 +494,24 @@ def test_attention_spelled_out_for_cpu_dropout_equals_sdpa():
         ours = model.attention(qq, kk, vv, mask, causal, p=1e-12)
         assert torch.allclose(ours, ref, atol=1e-5)
 
+    # bf16 on a CPU (decoding, no dropout) is spelled out too, never through SDPA's kernel: the same values to
+    # bf16 rounding, its backward included, one query over cached keys included (causal with L = 1)
+    real = torch.nn.functional.scaled_dot_product_attention
+    sdpa = lambda *a, **kw: pytest.fail("bf16 on a CPU went through scaled_dot_product_attention")
+    cases = ((q, k, v, mask, False), (k, k, v, mask, True), (k[:, :, -1:], k, v, None, True))
+    refs = [real(qq, kk, vv, attn_mask=m, is_causal=c and qq.shape[2] > 1) for qq, kk, vv, m, c in cases]
+    try:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+        for (qq, kk, vv, m, c), ref in zip(cases, refs):
+            qb = qq.bfloat16().requires_grad_()
+            ours = model.attention(qb, kk.bfloat16(), vv.bfloat16(), m, c and qq.shape[2] > 1)
+            assert ours.dtype == torch.bfloat16
+            torch.testing.assert_close(ours.float(), ref, rtol=0.02, atol=0.02)
+            ours.float().sum().backward()
+            assert qb.grad is not None and torch.isfinite(qb.grad).all()
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_thread_invariant_layer_norm_and_conv_equal_torchs(bf16):
@@ -573,6 +591,46 @@ def test_wav2vec2_with_the_fft_positional_convolution_equals_the_direct_one(monk
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+
+def test_decoding_keeps_the_positional_kernels_spectrum_until_the_weights_change():
+    """Without gradients (decoding) a CPU convolves by FFT with the kernel's spectrum kept between calls: equal to
+    F.conv1d (the module's direct path) for several lengths, one spectrum per FFT length (at most the last two
+    lengths), computed once while the weights stay, recomputed after an optimiser step changes them; with
+    gradients the module takes the path that trains (no cached spectrum)."""
+    torch.manual_seed(0)
+    cfg = model.model_config("tiny").w2v
+    pos = model.Wav2Vec2PositionalConvEmbedding(cfg)
+    K = cfg.num_conv_pos_embeddings
+
+    def direct(x):
+        conv = pos.conv
+        y = torch.nn.functional.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=K // 2, groups=conv.groups)
+        return torch.nn.functional.gelu(y[..., :x.shape[1]]).transpose(1, 2)
+    computed = []
+    real = model.kernel_spectrum
+    model.kernel_spectrum = lambda *a: computed.append(a[2]) or real(*a)
+    try:
+        for T in (40, 40, 37, 90, 40):
+            x = torch.randn(3, T, cfg.hidden_size)
+            with torch.no_grad():
+                torch.testing.assert_close(pos(x), direct(x), rtol=1e-4, atol=1e-5)
+        n40, n90 = model.spectrum_length(40 + K - 1), model.spectrum_length(90 + K - 1)
+        assert computed == [n40, n90] and n40 != n90              # T = 37 and 40 share a length; 40 is kept
+        opt = torch.optim.SGD(pos.parameters(), lr=0.5)
+        pos(torch.randn(2, 40, cfg.hidden_size)).sum().backward()  # with gradients: no spectrum kept or used
+        assert computed == [n40, n90]
+        opt.step()
+        x = torch.randn(3, 40, cfg.hidden_size)
+        with torch.no_grad():
+            torch.testing.assert_close(pos(x), direct(x), rtol=1e-4, atol=1e-5)
+        assert computed == [n40, n90, n40]                        # the weights changed: computed afresh
+    finally:
+        model.kernel_spectrum = real
+    for m in range(1, 3000):
+        n = model.spectrum_length(m)
+        shift = max(0, n.bit_length() - 3)                      # n = c 2^shift with c in 4..7: few lengths
+        assert m <= n <= max(4, 1.25 * m) and (n >> shift) << shift == n and 4 <= n >> shift <= 7
+
 @pytest.mark.parametrize("K,s,Ci,bias", [(3, 2, 8, False), (2, 2, 5, True), (10, 5, 1, False), (4, 3, 3, True)])
 def test_strided_conv_as_matrix_products_equals_f_conv1d(K, s, Ci, bias):
     """StridedConv1dMatmul is F.conv1d with (K - s) zeros after the end, channels last: output and the
@@ -624,13 +682,17 @@ def test_feature_encoder_as_one_sequence_at_own_lengths_equals_padded_convolutio
         assert runs[0][0].shape == runs[1][0].shape == (3, cfg.conv_dim[-1], 50)
         for a, b in zip(*runs):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with_grad = fe._one_sequence(audio, lens).detach()
+    with torch.no_grad():                         # decoding writes layer 0 in place and applies GELU in place
+        torch.testing.assert_close(fe._one_sequence(audio, lens), with_grad, rtol=0, atol=0)
     calls = []
     monkeypatch.setattr(model.StridedConv1dMatmul, "apply", lambda *a: calls.append(1) or torch.zeros(1))
     with pytest.raises(RuntimeError):             # zeros(1) cannot be reshaped into frames: the path was taken
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fe(audio, None)
+    taken = len(calls)
     fe(audio, None)
-    assert len(calls) == 1
+    assert taken >= 1 and len(calls) == taken     # fp32 runs F.conv1d
 
 
 def test_feature_encoder_over_the_batch_as_on_a_gpu_equals_the_per_utterance_path(monkeypatch):
