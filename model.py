@@ -1042,6 +1042,8 @@ class MultiheadAttention(nn.Module):
             k, v = self._split(self.k_proj(src)), self._split(self.v_proj(src))
             if cache is not None and kv is None and "k" in cache:      # self-attention: append this step
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            if cache is not None and kv is not None:                  # kept for every step: laid out as
+                k, v = k.contiguous(), v.contiguous()                  # (B, H, T, d), so q k^T copies nothing
             if cache is not None:
                 cache["k"], cache["v"] = k, v
         mask = None if key_pad_mask is None else ~key_pad_mask[:, None, None, :]
@@ -1301,22 +1303,28 @@ class SpeechTranslator(nn.Module):
         max_lens = self._max_lens(enc_lens, max_len_a, max_len_b)
         K = beam
         max_lens = max_lens.repeat_interleave(K, 0)  # enc stays (B, T, D): the K beams of a sentence share it
-        tokens = torch.tensor([EOS_ID, lang_id], device=device).repeat(B * K, 1)   # (B*K, 2)
+        tokens = torch.tensor([EOS_ID, lang_id], device=device).repeat(B, 1)       # (B, 2)
         scores = torch.zeros(B, K, device=device)
         scores[:, 1:] = float("-inf")             # all beams start identical: keep one
         finished = [[] for _ in range(B)]
         done = [False] * B
         cache = [] if use_cache else None
-        logits = self.decode(tokens, enc, enc_lens, cache) if use_cache else None
+        first = torch.arange(B, device=device).repeat_interleave(K)                 # identical beams: decode one
+        logits = self.decode(tokens, enc, enc_lens, cache).index_select(0, first) if use_cache else None
+        if use_cache:
+            self._reorder(cache, first)           # ... and give its keys and values to all K
+        tokens = tokens.index_select(0, first)                                       # (B*K, 2)
         for step in range(int(max_lens.max()) + 1):
-            if use_cache:
+            n_out = tokens.shape[1] - 1                                         # tokens after </s>, tag included
+            force_eos = (n_out >= max_lens)                                     # out of length: must end
+            if use_cache and step > 0 and bool(force_eos.all()):
+                last = torch.zeros(B * K, self.cfg.vocab_size, device=device)  # every beam must end: no logits needed
+            elif use_cache:
                 last = logits[:, -1] if step == 0 else self.decode(tokens[:, -1:], enc, enc_lens, cache,
                                                                     offset=tokens.shape[1] - 1)[:, -1]
             else:
                 last = self.decode(tokens, enc, enc_lens)[:, -1]
             logp = F.log_softmax(last.float(), dim=-1)                          # (B*K, V)
-            n_out = tokens.shape[1] - 1                                         # tokens after </s>, tag included
-            force_eos = (n_out >= max_lens)                                     # out of length: must end
             logp[force_eos] = torch.where(torch.arange(logp.shape[1], device=device) == EOS_ID, 0.0, float("-inf"))
             logp[:, PAD_ID] = float("-inf")
             V = logp.shape[1]

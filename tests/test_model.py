@@ -404,6 +404,31 @@ def test_beam_search_batch_equals_single_and_cache_equals_no_cache():
     assert batch == m.generate(enc, lens, lang_id=5, beam=4, max_len_a=0, max_len_b=10, use_cache=False)
 
 
+
+def test_beam_search_decodes_one_beam_first_and_no_pass_whose_logits_are_forced():
+    """The K beams of a sentence start identical, so the first decoder pass runs one row per sentence; when the
+    length limit ends every beam, no decoder pass is run for logits that the forced </s> would override. With
+    </s> suppressed (every hypothesis runs to the limit), the hypotheses equal the no-cache recomputation's."""
+    m = tiny_model()
+    enc, lens = encoded(m, fake_batch())
+    real, rows = m.decode, []
+
+    def no_eos(tokens, *a, **k):
+        rows.append(tuple(tokens.shape))
+        logits = real(tokens, *a, **k)
+        logits[..., 2] = float("-inf")
+        return logits
+    m.decode = no_eos
+    try:
+        cached = m.generate(enc, lens, lang_id=5, beam=4, max_len_a=0, max_len_b=9)
+        calls, rows[:] = list(rows), []
+        full = m.generate(enc, lens, lang_id=5, beam=4, max_len_a=0, max_len_b=9, use_cache=False)
+    finally:
+        del m.decode
+    assert cached == full and all(len(h) == 8 for h in cached)       # 9 tokens after </s>: the tag and 8
+    assert calls == [(3, 2)] + [(12, 1)] * 7                          # 8 passes for 8 tokens; not a 9th
+    assert len(rows) == 9 and rows[0] == (12, 2)                      # the reference decodes every step
+
 def test_beam_search_finds_a_better_sequence_than_greedy():
     """Beam search maximises the length-normalised log-probability; check against exhaustive scoring."""
     m = tiny_model(vocab=8)
