@@ -245,8 +245,23 @@ def bench_pos_conv(cfg: BenchConfig, reps: int = 5) -> list:
         fft_picked = model.fft_pays(x, w)
         rows += [(f"{name}: conv1d, bf16{'' if fft_picked else ' <- picked'}", t_direct * 1e3, 1.0),
                  (f"{name}: FFT (fp32){' <- picked' if fft_picked else ''}", t_fft * 1e3, t_direct / t_fft)]
-    _table(f"positional convolution (16 groups), forward + backward, {torch.get_num_threads()} threads "
-           f"(ratio = conv1d's time / this time)", rows, "ms")
+    # decoding (no gradient): the module keeps the kernel's spectrum while its weights stay
+    for name, (B, C, T, K) in {"decoding, tiny, 8 x 2-3 s": (8, 256, 130, 64),
+                               "decoding, base, 4 x 2-3 s": (4, 768, 140, 128),
+                               "decoding, base, 1 x 3 s": (1, 768, 150, 128)}.items():
+        x, w, b = torch.randn(B, C, T), torch.randn(C, C // 16, K), torch.randn(C)
+        n = model.spectrum_length(T + K - 1)
+        W = model.kernel_spectrum(w, 16, n).contiguous()
+
+        def run(conv):
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                conv()
+        t_direct, t_fft = _time_interleaved([lambda: run(lambda: F.conv1d(x, w, b, padding=K // 2, groups=16)),
+                                             lambda: run(lambda: model.spectral_conv(x, W, b, n, K))], reps)
+        rows += [(f"{name}: conv1d, bf16", t_direct * 1e3, 1.0),
+                 (f"{name}: FFT, spectrum kept (fp32) <- picked", t_fft * 1e3, t_direct / t_fft)]
+    _table(f"positional convolution (16 groups), forward + backward (decoding: forward), {torch.get_num_threads()} "
+           f"threads (ratio = conv1d's time / this time)", rows, "ms")
     return rows
 
 

@@ -12,7 +12,7 @@ def test_attention_train_step_and_precision_rows_run(capsys):
     cfg = bench.BenchConfig()
     assert _finite(bench.bench_attention(cfg, reps=1))
     rows = bench.bench_pos_conv(cfg, reps=1)
-    assert _finite(rows) and len(rows) == 8 and sum("<- picked" in name for name, _, _ in rows) == 4
+    assert _finite(rows) and len(rows) == 14 and sum("<- picked" in name for name, _, _ in rows) == 7
     rows = bench.bench_feature_conv(cfg, reps=1)
     assert _finite(rows) and len(rows) == 4 and rows[0][2] == rows[2][2] == 1.0
     rows = bench.bench_train_step(cfg, reps=1)
