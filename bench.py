@@ -153,8 +153,8 @@ def bench_wav2vec2(cfg: BenchConfig, seconds: float = 4.0, batch: int = 2, reps:
     def step(m, run):
         m.zero_grad(set_to_none=True)
         run(m).pow(2).mean().backward()
-    t_ours = _time(lambda: step(ours, lambda m: m(audio)[0]), reps)
-    t_hf = _time(lambda: step(ref, lambda m: m(audio).last_hidden_state), reps)
+    t_ours, t_hf = _time_interleaved([lambda: step(ours, lambda m: m(audio)[0]),
+                                      lambda: step(ref, lambda m: m(audio).last_hidden_state)], reps)
     rows = [("ours: forward + backward", t_ours, t_hf / t_ours), ("HF Wav2Vec2Model: forward + backward", t_hf, 1.0)]
     _table(f"wav2vec2 base, {batch} x {seconds:.0f} s audio, fp32, {_where()} (higher ratio = faster)",
            rows, "s/step")

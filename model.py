@@ -443,13 +443,17 @@ class Wav2Vec2FeatureEncoder(nn.Module):
         n_apart = n_apart if audio.device.type == "cpu" and CPU_PER_UTTERANCE_CONV else 0
         x = audio[:, None]
         if n_apart:
-            parts = []
-            for b, x in enumerate(x.split(1)):
-                for i, layer in enumerate(self.conv_layers[:n_apart]):
-                    x = layer.conv(x)
-                    if i == 0:
-                        x = masked_group_norm(x, layer.layer_norm, None if mask is None else mask[b:b + 1])
-                    x = F.gelu(x)
+            parts, first = [], self.conv_layers[0]
+            K, s = first.conv.kernel_size[0], first.conv.stride[0]
+            valid = conv_out_lengths(torch.full((B,), audio.shape[1]) if lens is None else lens.cpu(), (K,), (s,))
+            dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else audio.dtype
+            for b, a in enumerate(audio):
+                win = a.unfold(0, K, s)                                   # (T, K): F.conv1d's windows
+                bias, w = fold_first_layer(first, win, int(valid[b]))     # layer 0 and its norm as one product
+                with torch.autocast("cpu", enabled=False):
+                    x = F.gelu(torch.addmm(bias.to(dt)[:, None], w.t().to(dt), win.t().to(dt)))[None]  # (1, C, T)
+                for layer in self.conv_layers[1:n_apart]:
+                    x = F.gelu(layer.conv(x))
                 parts.append(x)
             x = torch.cat(parts)
         for i, layer in enumerate(self.conv_layers[n_apart:], n_apart):
@@ -480,41 +484,45 @@ class Wav2Vec2FeatureEncoder(nn.Module):
         return torch.stack([F.pad(p[:T], (0, 0, 0, T - min(len(p), T))) for p in parts]).transpose(1, 2)
 
 
-def first_layer_folded(layer: "Wav2Vec2ConvLayer", audio: torch.Tensor, own: list, valid: list) -> torch.Tensor:
-    """GELU(GroupNorm(conv(x))) of wav2vec2's first layer (one input channel, one group per channel), each
-    utterance normalised over its valid frames, as ONE matrix product per utterance: the norm folded into
-    the weights. With x_t the window (K samples) of frame t, mu and Sigma their mean and covariance over the
-    valid frames, a channel's output w.x_t + b has mean w.mu + b and variance w' Sigma w, so
+def fold_first_layer(layer: "Wav2Vec2ConvLayer", win: torch.Tensor, valid: int) -> tuple:
+    """wav2vec2's first layer, GroupNorm(conv(x)) (one input channel, one group per channel: a norm over each
+    utterance's time), as ONE affine map of the sample windows: the norm folded into the weights. With x_t the
+    window (K samples) of frame t, mu and Sigma their mean and covariance over the valid frames, a channel's
+    output w.x_t + b has mean w.mu + b and variance w' Sigma w, so
         gamma (w.x_t + b - mean) / sqrt(var + eps) + beta = (s w).x_t + (beta - s w.mu),  s = gamma / sqrt(var + eps)
-    (the conv bias cancels). The statistics come from the audio (K x K, in float64), not from a pass over the
-    (frames x 512) output: that pass, its gradient and its copies were a third of the layer's time.
+    (the conv bias cancels). The statistics come from the audio (K x K, in float64), not from passes over the
+    (frames x 512) output and back through them: forward and backward, those were a third of the layer's time.
+    win (T, K) one utterance's windows, the first `valid` of them its valid frames -> (bias (C,), weight (K, C)),
+    float64: GroupNorm(conv(x))[:, t] = bias + win[t] @ weight."""
+    norm, w = layer.layer_norm, layer.conv.weight[:, 0].t().double()    # w (K, C)
+    with torch.autocast(win.device.type, enabled=False):
+        xs = win[:valid].double()
+        mu = xs.mean(0)
+        cov = (xs - mu).t() @ (xs - mu) / valid                             # (K, K)
+        w_folded = w * (norm.weight.double() / torch.sqrt(((cov @ w) * w).sum(0) + norm.eps))
+        return norm.bias.double() - mu @ w_folded, w_folded
+
+
+def first_layer_folded(layer: "Wav2Vec2ConvLayer", audio: torch.Tensor, own: list, valid: list) -> torch.Tensor:
+    """GELU of the first layer (fold_first_layer) for the one-sequence path: one matrix product per utterance.
     audio (B, S) with S >= max(own); own[b] samples of utterance b (a multiple of the stride); valid[b] its
-    conv_out_lengths -> (sum(own) / stride, C) in the autocast dtype, GELU applied; frames past valid[b] are
-    padding (normalised like the rest; no valid frame of the next layer reads them)."""
+    conv_out_lengths -> (sum(own) / stride, C) in the autocast dtype; frames past valid[b] are padding
+    (normalised like the rest; no valid frame of the next layer reads them)."""
     K, s = layer.conv.kernel_size[0], layer.conv.stride[0]
-    norm, w = layer.layer_norm, layer.conv.weight[:, 0].t()           # w (K, C)
     dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else audio.dtype
-    grad = torch.is_grad_enabled()
     parts = []
     for a, n, v in zip(audio, own, valid):
         win = F.pad(a[:n], (0, K - s)).unfold(0, K, s)                 # (n / s, K): frame t reads s t .. s t + K - 1
-        with torch.autocast("cpu", enabled=False):
-            xs = win[:v].double()
-            mu = xs.mean(0)
-            cov = (xs - mu).t() @ (xs - mu) / v                         # (K, K)
-            w64 = w.double()
-            scale = norm.weight.double() / torch.sqrt(((cov @ w64) * w64).sum(0) + norm.eps)
-            w_folded = w64 * scale
-            parts.append((norm.bias.double() - mu @ w_folded, win, w_folded))
-    if grad:
-        with torch.autocast("cpu", enabled=False):
-            return F.gelu(torch.cat([torch.addmm(b.to(dt), x.to(dt), m.to(dt)) for b, x, m in parts]))
-    y = torch.empty(sum(len(x) for _, x, _ in parts), w.shape[1], dtype=dt, device=audio.device)
-    start = 0
-    for b, x, m in parts:                     # decoding: written in place, no 35 MB concatenation
-        torch.addmm(b.to(dt), x.to(dt), m.to(dt), out=y[start:start + len(x)])
-        start += len(x)
-    return torch.ops.aten.gelu_(y)
+        parts.append((win, *fold_first_layer(layer, win, v)))
+    with torch.autocast("cpu", enabled=False):
+        if torch.is_grad_enabled():
+            return F.gelu(torch.cat([torch.addmm(b.to(dt), x.to(dt), m.to(dt)) for x, b, m in parts]))
+        y = torch.empty(sum(len(x) for x, _, _ in parts), parts[0][2].shape[1], dtype=dt, device=audio.device)
+        start = 0
+        for x, b, m in parts:                 # decoding: written in place, no 35 MB concatenation
+            torch.addmm(b.to(dt), x.to(dt), m.to(dt), out=y[start:start + len(x)])
+            start += len(x)
+        return torch.ops.aten.gelu_(y)
 
 
 class Wav2Vec2FeatureProjection(nn.Module):
