@@ -538,6 +538,25 @@ def test_attention_spelled_out_for_cpu_dropout_equals_sdpa():
         torch.nn.functional.scaled_dot_product_attention = real
 
 
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_decoding_attends_per_sequence_like_the_padded_batch(bf16):
+    """Without gradients a CPU runs wav2vec2's self-attention on each sequence's packed rows (no padding, no
+    (B, T) layout): the same output as the padded, masked attention that training runs, in fp32 and bf16."""
+    torch.manual_seed(0)
+    att = model.Wav2Vec2Attention(32, 4, dropout=0.0).eval()
+    lens = torch.tensor([9, 4, 7, 1])
+    packed = model.Packed(model.lengths_to_padding_mask(lens, 9), 4, 9)
+    assert packed.lengths == [9, 4, 7, 1]
+    x = torch.randn(int(lens.sum()), 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        padded = att(x, packed)                        # gradients on: the padded path
+        with torch.no_grad():
+            per_sequence = att(x, packed)
+    assert per_sequence.dtype == padded.dtype and per_sequence.shape == (21, 32)
+    tol = dict(rtol=0.02, atol=0.02) if bf16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(per_sequence, padded.detach(), **tol)
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_thread_invariant_layer_norm_and_conv_equal_torchs(bf16):
     """model.LayerNorm and model.Conv1d (their own weight gradients on a CPU) give nn.LayerNorm's and
