@@ -266,10 +266,10 @@ def bench_pos_conv(cfg: BenchConfig, reps: int = 5) -> list:
 
 
 def bench_feature_conv(cfg: BenchConfig, reps: int = 3) -> list:
-    """wav2vec2's convolutional feature encoder, forward + backward in bf16: F.conv1d (model.py's fp32 path:
-    the long early layers per utterance at the batch's padded length, the late ones over the batch) against
-    model.py's bf16 CPU path (StridedConv1dMatmul: matrix products on channels-last frames, the utterances
-    one after another at their own lengths)."""
+    """wav2vec2's convolutional feature encoder, forward + backward in bf16: F.conv1d on every layer over the
+    padded batch (what Hugging Face, and model.py on a GPU, run) against model.py's bf16 CPU path
+    (StridedConv1dMatmul: matrix products on channels-last frames, the utterances one after another at their
+    own lengths, the first layer's norm folded into its weights)."""
     import model
     rows = []
     for preset in ("tiny", "base"):
@@ -278,13 +278,13 @@ def bench_feature_conv(cfg: BenchConfig, reps: int = 3) -> list:
         batch = _audio_batch(*HF_BATCH[preset])
 
         def step(matmul):
-            model.CPU_MATMUL_CONV = matmul
+            model.CPU_MATMUL_CONV = model.CPU_PER_UTTERANCE_CONV = matmul
             try:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     y = fe(batch.audio, batch.audio_lens)
                 y.float().sum().backward()
             finally:
-                model.CPU_MATMUL_CONV = True
+                model.CPU_MATMUL_CONV = model.CPU_PER_UTTERANCE_CONV = True
         t_conv, t_mm = _time_interleaved([lambda: step(False), lambda: step(True)], reps)
         n, lo, hi = HF_BATCH[preset]
         rows += [(f"{preset}, {n} x {lo}-{hi} s: F.conv1d, padded", t_conv * 1e3, 1.0),

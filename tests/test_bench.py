@@ -105,7 +105,7 @@ def test_hugging_face_and_mfu_rows_run(capsys):
 
 def test_the_feature_conv_peer_really_runs_f_conv1d(monkeypatch):
     """The F.conv1d peer of --only feature_conv runs torch's convolution on every layer; ours none (matrix
-    products), and the flag is restored."""
+    products), and the flags are restored."""
     import torch.nn.functional as F
     import model as M
     real, calls = F.conv1d, {"n": 0}
@@ -126,3 +126,4 @@ def test_the_feature_conv_peer_really_runs_f_conv1d(monkeypatch):
     monkeypatch.setattr(bench, "_time_interleaved", once)
     bench.bench_feature_conv(bench.BenchConfig())
     assert seen[0] >= 7 and seen[2] >= 7 and seen[1] == seen[3] == 0 and M.CPU_MATMUL_CONV is True
+    assert M.CPU_PER_UTTERANCE_CONV is True

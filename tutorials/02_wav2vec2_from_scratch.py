@@ -357,9 +357,11 @@ def stage_modules(net):
 
 
 def record(net, run):
-    """Run `run()` and return {stage: (B, T, C) output} from forward hooks on `net`. Ours runs its long early
-    convolutions one utterance at a time (their outputs are concatenated here) and its Transformer on the valid frames
-    packed as (N, C) (`model.Packed`, unpacked here with the packing its layers received)."""
+    """Run `run()` and return {stage: (B, T, C) output} from forward hooks on `net`. Ours runs here as on a GPU
+    (`M.CPU_PER_UTTERANCE_CONV` off): every convolution over the padded batch, the first one's norm over each
+    utterance's valid frames (`masked_group_norm`); a CPU otherwise folds that norm into the first convolution's
+    weights, and the raw `conv 1` output never exists. Its Transformer runs on the valid frames packed as
+    (N, C) (`model.Packed`, unpacked here with the packing its layers received)."""
     got, packing = {}, []
 
     def hook(name):
@@ -372,10 +374,14 @@ def record(net, run):
             packing.extend(x for x in inputs if isinstance(x, M.Packed))
         return fn
     handles = [m.register_forward_hook(hook(s)) for s, m in zip(STAGES, stage_modules(net))]
-    with torch.no_grad():
-        run()
-    for h in handles:
-        h.remove()
+    M.CPU_PER_UTTERANCE_CONV = False
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        M.CPU_PER_UTTERANCE_CONV = True
+        for h in handles:
+            h.remove()
     got = {k: torch.cat(v) if isinstance(v, list) else v for k, v in got.items()}
     return {k: packing[0].unpack(v) if v.dim() == 2 else v for k, v in got.items()}
 
