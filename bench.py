@@ -242,7 +242,8 @@ def bench_pos_conv(cfg: BenchConfig, reps: int = 5) -> list:
         direct = lambda: F.conv1d(x, w, b, padding=K // 2, groups=16)[..., :T]
         fft = lambda: model.GroupedConv1dFFT.apply(x, w, b, 16)
         t_direct, t_fft = _time_interleaved([lambda: step(direct), lambda: step(fft)], reps)
-        fft_picked = model.fft_pays(x, w)
+        with torch.autocast("cpu", dtype=torch.bfloat16):        # the pick for a bf16 step
+            fft_picked = model.fft_pays(x, w)
         rows += [(f"{name}: conv1d, bf16{'' if fft_picked else ' <- picked'}", t_direct * 1e3, 1.0),
                  (f"{name}: FFT (fp32){' <- picked' if fft_picked else ''}", t_fft * 1e3, t_direct / t_fft)]
     # decoding (no gradient): the module keeps the kernel's spectrum while its weights stay

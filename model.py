@@ -611,10 +611,12 @@ def fft_pays(x: torch.Tensor, w: torch.Tensor, spectrum_known: bool = False) -> 
     """Does the FFT path beat F.conv1d for x (B, C, T) and w (C, C/G, K)? The cost model, per channel pair:
     direct ~ B T K / speed, FFT ~ n (B + 20) (20: the kernel's spectrum; 0 when it is known, as in inference).
     15: the bf16 convolution's speed with 48 channels per group over the FFT path's, per element; with 16
-    channels per group (tiny) oneDNN runs at 40 % of that (bench.py --only pos_conv); fp32 convolutions are
-    slower still."""
+    channels per group (tiny) oneDNN runs at 40 % of that (bench.py --only pos_conv); in fp32 at 70 % (forward
+    + backward at base's 4 x 194 frames: 275 ms fp32, 187 bf16; the FFT path 228 in both)."""
     (B, C, T), K = x.shape, w.shape[-1]
     speed = 15 if w.shape[1] > 16 else 15 * 0.4
+    if not (torch.is_autocast_enabled("cpu") or x.dtype == torch.bfloat16):
+        speed *= 0.7                                         # an fp32 convolution
     fixed = 0 if spectrum_known else 20
     return CPU_FFT_POS_CONV and x.device.type == "cpu" and B * T * K > speed * fft_length(T + K - 1) * (B + fixed)
 
