@@ -458,7 +458,7 @@ def bench_hf_step(cfg: BenchConfig, reps: int = 3, presets=("tiny", "base")) -> 
     return rows
 
 
-def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int = 2, presets=("tiny", "base"),
+def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int | None = None, presets=("tiny", "base"),
                    precisions=(False, True)) -> list:
     """Beam search from audio (encoder included), both forced to `length` new tokens (end of sentence
     suppressed: HF by min_new_tokens, ours by a -inf logit), so time per sentence compares like with like;
@@ -511,8 +511,9 @@ def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int 
             return run
         for bf16 in precisions:
             p = "bf16" if bf16 else "fp32"
+            n_reps = reps or (9 if preset == "tiny" else 3)      # a tiny search takes 0.1-0.3 s: more rounds, less noise
             t_ours, t_same, t_enc, t_hf = _time_interleaved([searcher(ours, "ours", bf16), searcher(same, "same", bf16),
-                                                             encoder_alone(bf16), hf_searcher(bf16)], reps)
+                                                             encoder_alone(bf16), hf_searcher(bf16)], n_reps)
             rows += [(f"{preset} {p}: ours, ConST model, {counts['ours']:.0f} tokens/sentence", t_ours / n,
                       t_ours / t_hf),
                      (f"{preset} {p}: ours, HF's architecture, {counts['same']:.0f} tokens", t_same / n, t_same / t_hf),
