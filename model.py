@@ -16,6 +16,7 @@ are True on padding (data.lengths_to_padding_mask).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -304,7 +305,10 @@ class Packed:
         pad_mask = pad_mask if pad_mask is not None and bool(pad_mask.any()) else None
         self.pad_mask, self.B, self.T = pad_mask, B, T
         self.index = None if pad_mask is None else (~pad_mask).flatten().nonzero().squeeze(1)
-        self.lengths = [T] * B if pad_mask is None else (~pad_mask).sum(1).tolist()   # rows of each sequence
+
+    @functools.cached_property
+    def lengths(self) -> list:                                  # rows of each sequence (read on demand: a sync)
+        return [self.T] * self.B if self.pad_mask is None else (~self.pad_mask).sum(1).tolist()
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:          # (B, T, ...) -> (N, ...)
         x = x.flatten(0, 1)
