@@ -679,19 +679,29 @@ class Wav2Vec2PositionalConvEmbedding(nn.Module):
         return F.gelu(y).transpose(1, 2)
 
 
-def attention_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Packed, heads: int) -> torch.Tensor:
-    """Self-attention of packed rows (N, D) -> (N, D), each sequence over its own rows only: no padded keys to
-    mask, no (B, T) layout to unpack to and pack from. Decoding on a CPU (no dropout, no gradient): wav2vec2
-    base over 4 utterances of 2-3 s, 1.9 instead of 2.7 ms a layer in bf16 (a quarter of the padded batch's
-    scores are padding)."""
-    out = torch.empty_like(q)
-    start = 0
+# wav2vec2's self-attention per sequence on a CPU (attention_per_sequence below) against the padded batch, one layer
+# forward + backward in bf16 (/tmp microbench, interleaved): base width (768, 12 heads) 45 -> 35 ms at 4 x 100-200
+# frames, 178 -> 135 at 16, 203 -> 181 at 26 x 80-150; tiny width (256, 4 heads) 5.0 -> 4.7 ms at 4, 10.2 -> 10.1 at
+# 8, but 34 -> 43 at 26 (each sequence's few small operations then cost more than the padding they skip). Hence:
+# per sequence at the base width, or for at most 8 sequences.
+CPU_PER_SEQUENCE_ATTENTION = True     # False: wav2vec2 attends over the padded batch on a CPU too (as on a GPU)
+
+
+def per_sequence_pays(x: torch.Tensor, packed: Packed) -> bool:
+    return CPU_PER_SEQUENCE_ATTENTION and x.device.type == "cpu" and (packed.B <= 8 or x.shape[-1] >= 512)
+
+
+def attention_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Packed, heads: int,
+                           p: float = 0.0) -> torch.Tensor:
+    """Self-attention of packed rows (N, D) -> (N, D), each sequence over its own rows only (dropout p on its
+    weights): no padded keys to mask, no (B, T) layout to unpack to and pack from. Decoding wav2vec2 base over
+    4 utterances of 2-3 s: 2.7 -> 1.9 ms a layer in bf16 (a quarter of the padded batch's scores are padding)."""
+    outs, start = [], 0
     for n in filter(None, packed.lengths):
-        rows = slice(start, start + n)
-        qb, kb, vb = (t[rows].view(n, heads, -1).transpose(0, 1) for t in (q, k, v))   # (H, n, D/H)
-        out[rows] = attention(qb, kb, vb).transpose(0, 1).reshape(n, -1)
+        qb, kb, vb = (t[start:start + n].view(n, heads, -1).transpose(0, 1) for t in (q, k, v))   # (H, n, D/H)
+        outs.append(attention(qb, kb, vb, p=p).transpose(0, 1).reshape(n, -1))
         start += n
-    return out
+    return torch.cat(outs)
 
 
 class Wav2Vec2Attention(nn.Module):
@@ -702,9 +712,9 @@ class Wav2Vec2Attention(nn.Module):
         self.v_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:   # (N, D) valid frames -> (N, D)
-        if x.device.type == "cpu" and not torch.is_grad_enabled():
+        if per_sequence_pays(x, packed):                   # a GPU runs the padded batch
             return self.out_proj(attention_per_sequence(self.q_proj(x), self.k_proj(x), self.v_proj(x), packed,
-                                                        self.heads))
+                                                        self.heads, self.dropout if self.training else 0.0))
         B, T, D = packed.B, packed.T, x.shape[-1]
         q, k, v = (packed.unpack(p(x)).view(B, T, self.heads, D // self.heads).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))        # (B, H, T, D/H)

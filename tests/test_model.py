@@ -540,22 +540,39 @@ def test_attention_spelled_out_for_cpu_dropout_equals_sdpa():
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_decoding_attends_per_sequence_like_the_padded_batch(bf16):
-    """Without gradients a CPU runs wav2vec2's self-attention on each sequence's packed rows (no padding, no
-    (B, T) layout): the same output as the padded, masked attention that training runs, in fp32 and bf16."""
+def test_wav2vec2_attends_per_sequence_like_the_padded_batch(bf16, monkeypatch):
+    """On a CPU wav2vec2's self-attention runs on each sequence's packed rows (no padding, no (B, T) layout):
+    the same output and the same gradients (input and all four projections) as the padded, masked attention
+    a GPU runs, in fp32 and bf16, training and decoding; with dropout each sequence draws its own mask."""
     torch.manual_seed(0)
-    att = model.Wav2Vec2Attention(32, 4, dropout=0.0).eval()
+    att = model.Wav2Vec2Attention(32, 4, dropout=0.0)
     lens = torch.tensor([9, 4, 7, 1])
     packed = model.Packed(model.lengths_to_padding_mask(lens, 9), 4, 9)
     assert packed.lengths == [9, 4, 7, 1]
     x = torch.randn(int(lens.sum()), 32)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        padded = att(x, packed)                        # gradients on: the padded path
-        with torch.no_grad():
-            per_sequence = att(x, packed)
-    assert per_sequence.dtype == padded.dtype and per_sequence.shape == (21, 32)
+    g = torch.randn(21, 32)
+    runs = []
+    for per_sequence in (False, True):
+        monkeypatch.setattr(model, "CPU_PER_SEQUENCE_ATTENTION", per_sequence)
+        xi = x.clone().requires_grad_()
+        att.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = att(xi, packed)
+            with torch.no_grad():
+                decoded = att(x, packed)
+        (y.float() * g).sum().backward()
+        assert y.shape == decoded.shape == (21, 32)
+        runs.append([y.detach().float(), decoded.float(), xi.grad, *(p.grad.clone() for p in att.parameters())])
     tol = dict(rtol=0.02, atol=0.02) if bf16 else dict(rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(per_sequence, padded.detach(), **tol)
+    for padded, ours in zip(*runs):
+        torch.testing.assert_close(ours, padded, **tol)
+    att.dropout = 0.5                                    # training with dropout: still finite, still per sequence
+    y = att.train()(x, packed)
+    assert torch.isfinite(y).all() and not torch.equal(y, att.eval()(x, packed))
+    many = model.Packed(model.lengths_to_padding_mask(torch.arange(26) % 9 + 1, 9), 26, 9)
+    assert model.per_sequence_pays(x, packed)                                    # few sequences
+    assert [model.per_sequence_pays(torch.empty(5, d), many) for d in (256, 768)] == [False, True]  # many: base width
+
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_thread_invariant_layer_norm_and_conv_equal_torchs(bf16):
