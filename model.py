@@ -683,12 +683,13 @@ class Wav2Vec2PositionalConvEmbedding(nn.Module):
 # forward + backward in bf16 (/tmp microbench, interleaved): base width (768, 12 heads) 45 -> 35 ms at 4 x 100-200
 # frames, 178 -> 135 at 16, 203 -> 181 at 26 x 80-150; tiny width (256, 4 heads) 5.0 -> 4.7 ms at 4, 10.2 -> 10.1 at
 # 8, but 34 -> 43 at 26 (each sequence's few small operations then cost more than the padding they skip). Hence:
-# per sequence at the base width, or for at most 8 sequences.
+# per sequence when there is padding to skip, at the base width or for at most 8 sequences.
 CPU_PER_SEQUENCE_ATTENTION = True     # False: wav2vec2 attends over the padded batch on a CPU too (as on a GPU)
 
 
 def per_sequence_pays(x: torch.Tensor, packed: Packed) -> bool:
-    return CPU_PER_SEQUENCE_ATTENTION and x.device.type == "cpu" and (packed.B <= 8 or x.shape[-1] >= 512)
+    return (CPU_PER_SEQUENCE_ATTENTION and x.device.type == "cpu" and packed.pad_mask is not None
+            and (packed.B <= 8 or x.shape[-1] >= 512))
 
 
 def attention_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Packed, heads: int,

@@ -571,6 +571,7 @@ def test_wav2vec2_attends_per_sequence_like_the_padded_batch(bf16, monkeypatch):
     assert torch.isfinite(y).all() and not torch.equal(y, att.eval()(x, packed))
     many = model.Packed(model.lengths_to_padding_mask(torch.arange(26) % 9 + 1, 9), 26, 9)
     assert model.per_sequence_pays(x, packed)                                    # few sequences
+    assert not model.per_sequence_pays(x, model.Packed(None, 4, 9))             # no padding: nothing to skip
     assert [model.per_sequence_pays(torch.empty(5, d), many) for d in (256, 768)] == [False, True]  # many: base width
 
 
