@@ -373,6 +373,11 @@ CPU_MATMUL_CONV = True          # False: F.conv1d in bf16 too
 CPU_PER_UTTERANCE_CONV = True   # False: F.conv1d over the batch on a CPU too (what a GPU runs)
 
 
+def cpu_compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a CPU matrix product on x runs in: autocast's when it is on, else x's own."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
 class StridedConv1dMatmul(torch.autograd.Function):
     """x (N, Ci), N a multiple of s; weight (Co, Ci, K); bias (Co,) or None -> y (N / s, Co):
     F.conv1d(x.T, weight, bias, stride=s, padding=(0, K - s)).T (zeros after the end), in the autocast
@@ -382,7 +387,7 @@ class StridedConv1dMatmul(torch.autograd.Function):
     def forward(ctx, x, weight, bias, s):
         Co, Ci, K = weight.shape
         assert s <= K <= 2 * s and x.shape[0] % s == 0, "a window spans its row of s frames and at most the next"
-        dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        dt = cpu_compute_dtype(x)
         rows = x.to(dt).contiguous().view(-1, s * Ci)                       # (N / s, s Ci)
         w = weight.to(dt).permute(2, 1, 0).reshape(K * Ci, Co)              # row k Ci + i = W[:, i, k]
         with torch.autocast("cpu", enabled=False):
@@ -451,7 +456,7 @@ class Wav2Vec2FeatureEncoder(nn.Module):
             parts, first = [], self.conv_layers[0]
             K, s = first.conv.kernel_size[0], first.conv.stride[0]
             valid = conv_out_lengths(torch.full((B,), audio.shape[1]) if lens is None else lens.cpu(), (K,), (s,))
-            dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else audio.dtype
+            dt = cpu_compute_dtype(audio)
             for b, a in enumerate(audio):
                 win = a.unfold(0, K, s)                                   # (T, K): F.conv1d's windows
                 bias, w = fold_first_layer(first, win, int(valid[b]))     # layer 0 and its norm as one product
@@ -514,7 +519,7 @@ def first_layer_folded(layer: "Wav2Vec2ConvLayer", audio: torch.Tensor, own: lis
     conv_out_lengths -> (sum(own) / stride, C) in the autocast dtype; frames past valid[b] are padding
     (normalised like the rest; no valid frame of the next layer reads them)."""
     K, s = layer.conv.kernel_size[0], layer.conv.stride[0]
-    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else audio.dtype
+    dt = cpu_compute_dtype(audio)
     parts = []
     for a, n, v in zip(audio, own, valid):
         win = F.pad(a[:n], (0, K - s)).unfold(0, K, s)                 # (n / s, K): frame t reads s t .. s t + K - 1
