@@ -263,6 +263,78 @@ class LayerNorm(nn.LayerNorm):
         return _InvariantLayerNorm.apply(x, self.weight, self.bias, self.eps)
 
 
+# A CPU's matrix products of activations and weights run in oneDNN (torch's mkldnn ops), not MKL. In fp32, MKL
+# takes its AVX2 kernels on AMD processors: 112 GFLOP/s on this machine's core against oneDNN's 248 for the same
+# (800, 768) @ (768, 3072) product, and as much again for each of the backward's two products (bench.py --only
+# linear). bf16 products already reach oneDNN through torch. With few rows (a beam-search step: 20), reading the
+# weight costs as much as multiplying, and oneDNN reads its packed (blocked) copy of the weight faster: 131 -> 95
+# us for (20, 512) @ (512, 2048) in bf16, 249 -> 178 in fp32. So without gradients the packed copy is kept while
+# the weight stays (keyed on its data pointer and version, like the positional convolution's spectrum below) for
+# products of at most PACKED_ROWS rows: the decoder's steps. An encoder's hundreds of rows gain 2-6 % from
+# packing: not worth a second copy of its weights.
+CPU_ONEDNN_LINEAR = True
+PACKED_ROWS = 64
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_PACKED = torch.utils.weak.WeakIdKeyDictionary()     # weight -> (key, packed weight, bias in its dtype)
+
+
+def _onednn_mm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ w (N, K)^T + b (N,) in oneDNN; w plain or packed."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """F.linear in fp32 with its three products in oneDNN: y = x W^T + b, dx = g W, dW = g^T x, db = sum g."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_mm(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, w = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _onednn_mm(g2, w.t()).view(*g.shape[:-1], w.shape[1])
+        if ctx.needs_input_grad[1]:
+            gw = _onednn_mm(g2.t(), x2.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        return gx, gw, gb
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); on a CPU through oneDNN (above), the same values to rounding."""
+    dt = cpu_compute_dtype(x)
+    if (x.device.type != "cpu" or not CPU_ONEDNN_LINEAR or not _ONEDNN or x.numel() == 0
+            or dt not in (torch.float32, torch.bfloat16)):
+        return F.linear(x, weight, bias)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if not grad and (dt == torch.bfloat16 or x.numel() <= PACKED_ROWS * x.shape[-1]):
+        key = (weight.data_ptr(), weight._version, dt, None if bias is None else (bias.data_ptr(), bias._version))
+        kept = _PACKED.get(weight)
+        if kept is None or kept[0] != key:
+            kept = _PACKED[weight] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dt)),
+                                      None if bias is None else bias.detach().to(dt))
+        return _onednn_mm(x.to(dt), kept[1], kept[2])
+    if dt == torch.bfloat16:
+        return F.linear(x, weight, bias)                  # torch's bf16 product is oneDNN's already
+    if not grad:
+        return _onednn_mm(x, weight, bias)
+    return _OneDNNLinear.apply(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, names and values) through linear() above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class _InvariantConv1d(torch.autograd.Function):
     """torch's convolution (cast as autocast would); the weight and bias gradients on one thread."""
 
@@ -539,7 +611,7 @@ class Wav2Vec2FeatureProjection(nn.Module):
     def __init__(self, cfg: Wav2Vec2Config):
         super().__init__()
         self.layer_norm = LayerNorm(cfg.conv_dim[-1], eps=cfg.layer_norm_eps)
-        self.projection = nn.Linear(cfg.conv_dim[-1], cfg.hidden_size)
+        self.projection = Linear(cfg.conv_dim[-1], cfg.hidden_size)
         self.dropout = Dropout(cfg.feat_proj_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -714,8 +786,8 @@ class Wav2Vec2Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         self.heads, self.dropout = heads, dropout
-        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.v_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.q_proj, self.k_proj = Linear(dim, dim), Linear(dim, dim)
+        self.v_proj, self.out_proj = Linear(dim, dim), Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:   # (N, D) valid frames -> (N, D)
         if per_sequence_pays(x, packed):                   # a GPU runs the padded batch
@@ -733,8 +805,8 @@ class Wav2Vec2FeedForward(nn.Module):
     def __init__(self, cfg: Wav2Vec2Config):
         super().__init__()
         self.intermediate_dropout = Dropout(cfg.activation_dropout)
-        self.intermediate_dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.output_dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.intermediate_dense = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.output_dense = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.output_dropout = Dropout(cfg.hidden_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1076,7 +1148,7 @@ class MultiheadAttention(nn.Module):
     def __init__(self, d: int, heads: int, dropout: float):
         super().__init__()
         self.heads, self.dropout = heads, dropout
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Linear(d, d) for _ in range(4))
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:           # (B, L, D) -> (B, H, L, D/H)
         B, L, D = x.shape
@@ -1111,7 +1183,7 @@ class MultiheadAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(cfg.d_model, cfg.ffn_dim), nn.Linear(cfg.ffn_dim, cfg.d_model)
+        self.fc1, self.fc2 = Linear(cfg.d_model, cfg.ffn_dim), Linear(cfg.ffn_dim, cfg.d_model)
         self.activation_dropout = Dropout(cfg.activation_dropout)
 
     def forward(self, x):
@@ -1257,7 +1329,7 @@ class SpeechTranslator(nn.Module):
             if cache is not None and len(cache) <= i:
                 cache.append({})
             x = layer(x, enc, pad_mask, None if cache is None else cache[i])
-        return F.linear(self.decoder_layer_norm(x), self.embed_tokens.weight)
+        return linear(self.decoder_layer_norm(x), self.embed_tokens.weight)
 
     def forward(self, batch, tasks=("st", "asr", "mt"), reencode_asr: bool = True) -> Outputs:
         """Run the tasks on one batch (data.Batch). ASR encodes the speech a second time, with

@@ -3,6 +3,7 @@ import argparse
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model
 from model import Wav2Vec2Config, Wav2Vec2Model, load_wav2vec2
@@ -343,26 +344,27 @@ def test_cached_decoding_equals_full_recomputation():
 
 def test_kv_cache_follows_reordered_beams():
     """_reorder moves each beam's whole past: three beams of one sentence, decoded step by step for 70
-    positions with beams reordered after steps 20 and 50 (duplicating one), give the logits of a full
-    decoder pass over the histories the beams end up with."""
+    positions with beams reordered after steps 20 and 50 (duplicating one) and twice with no step between
+    (after step 60: the two orders compose), give the logits of a full decoder pass over the histories the
+    beams end up with."""
     m = tiny_model()
     b = fake_batch()
     enc, lens = encoded(m, b)
     enc, lens = enc[:1, :lens[0]], lens[:1]                    # one sentence, three beams share it
     prev = torch.randint(6, 50, (3, 70), generator=torch.Generator().manual_seed(0))
-    orders = {20: torch.tensor([2, 0, 1]), 50: torch.tensor([1, 1, 0])}
+    orders = {20: [torch.tensor([2, 0, 1])], 50: [torch.tensor([1, 1, 0])], 60: [torch.tensor([0, 2, 1]), torch.tensor([2, 2, 0])]}
     cache, steps, hist = [], [], prev[:, :0]
     with torch.no_grad():
         for t in range(70):
-            if t in orders:
-                model.SpeechTranslator._reorder(cache, orders[t])
-                hist = hist[orders[t]]
+            for order in orders.get(t, []):
+                model.SpeechTranslator._reorder(cache, order)
+                hist = hist[order]
             hist = torch.cat([hist, prev[:, t:t + 1]], 1)
             steps.append(m.decode(prev[:, t:t + 1], enc, lens, cache, offset=t)[:, 0])
         full = m.decode(hist, enc, lens)
     assert cache[0]["self"]["k"].shape[2] == 70
-    assert (torch.stack(steps[50:], 1) - full[:, 50:]).abs().max() <= 1e-5
-    assert (torch.stack(steps[:50], 1)[0] - full[0, :50]).abs().max() > 1e-3   # the reorders mattered
+    assert (torch.stack(steps[60:], 1) - full[:, 60:]).abs().max() <= 1e-5
+    assert (torch.stack(steps[:60], 1)[0] - full[0, :60]).abs().max() > 1e-3   # the reorders mattered
 
 
 def naive_greedy(m, enc, lens, lang, max_len):
@@ -778,3 +780,52 @@ def test_feature_encoder_over_the_batch_as_on_a_gpu_equals_the_per_utterance_pat
         runs.append([y.detach(), *(p.grad.clone() for p in fe.parameters())])
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_linear_through_onednn_equals_f_linear():
+    """model.linear (oneDNN on a CPU) gives F.linear's values and three gradients in fp32, with and without
+    gradients, few rows (the packed weight) and many; under bf16 autocast without gradients the same bf16
+    product; the packed copy is made once and made again after the weight changes in place (an optimiser
+    step); one and two threads give the same bits (training must not depend on the thread count)."""
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 40, requires_grad=True), torch.randn(48, requires_grad=True)
+    for rows in ((3, 5), (300,)):
+        x = torch.randn(*rows, 40)
+        g = torch.randn(*rows, 48)
+        got = []
+        for f in (model.linear, F.linear):
+            xi = x.clone().requires_grad_()
+            w.grad = b.grad = None
+            y = f(xi, w, b)
+            (y * g).sum().backward()
+            with torch.no_grad():
+                got.append([y, xi.grad, w.grad, b.grad, f(x, w, b)])
+        for a, r in zip(*got):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y, ref = model.linear(x, w, b), F.linear(x, w, b)
+        assert y.dtype == ref.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    x = torch.randn(4, 40)
+    with torch.no_grad():
+        model.linear(x, w, b)
+        kept = model._PACKED[w]
+        model.linear(x, w, b)
+        assert model._PACKED[w] is kept                        # made once while the weight stays
+        w.add_(1.0)                                            # the weight changes in place
+        torch.testing.assert_close(model.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        assert model._PACKED[w] is not kept
+    x, g = torch.randn(2000, 40), torch.randn(2000, 48)
+    bits = []
+    n = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            xi = x.clone().requires_grad_()
+            w.grad = b.grad = None
+            y = model.linear(xi, w, b)
+            (y * g).sum().backward()
+            bits.append([y, xi.grad, w.grad, b.grad])
+    finally:
+        torch.set_num_threads(n)
+    assert all(torch.equal(a, r) for a, r in zip(*bits))
