@@ -407,25 +407,26 @@ def save_checkpoint(path: Path, state: dict):
 def probe_bf16(threads: int, cache: Path | None = Path.home() / ".cache" / "st-align" / "precision.json") -> tuple:
     """Is bf16 autocast faster than fp32 on this CPU? -> (bool, how it was decided). Machines here
     differ: on one, bf16 made a step 1.7x faster; on another (AVX-512 without AMX), 1.2x slower. So
-    measure instead of asking a capability flag: forward and backward of a tiny Transformer layer at
-    a training step's shapes, best of 5, once per CPU model, torch version and thread count (cached)."""
+    measure instead of asking a capability flag: forward and backward of one of our tiny encoder layers
+    (our code paths: model.linear's oneDNN products, not torch's own layer's) at a training step's shapes,
+    best of 5, once per CPU model, torch version, thread count and probe version (cached)."""
     import platform
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    key = f"{cpu} | torch {torch.__version__} | {threads} threads"
+    key = f"{cpu} | torch {torch.__version__} | {threads} threads | probe 2"
     table = json.loads(cache.read_text()) if cache and cache.exists() else {}
     if key in table:
         return table[key]["bf16"], f"cached probe: bf16 {table[key]['bf16_ms']} ms, fp32 {table[key]['fp32_ms']} ms"
     rng_state = torch.get_rng_state()       # the probe must not move the run's random numbers
-    layer = torch.nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.0, batch_first=True, norm_first=True)
-    x = torch.randn(24, 40, 256)
+    layer = M.EncoderLayer(M.model_config("tiny", dropout=0.0, attention_dropout=0.0, activation_dropout=0.0))
+    x, packed = torch.randn(24 * 40, 256), M.Packed(None, 24, 40)
     ms = {}
     for name, on in (("fp32", False), ("bf16", True), ("fp32", False), ("bf16", True)):
         best = float("inf")
         for _ in range(5):
             t0 = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
-                layer(x).float().pow(2).mean().backward()
+                layer(x, packed).float().pow(2).mean().backward()
             best = min(best, time.perf_counter() - t0)
         ms[name] = round(1000 * best, 2)    # the second round of each (warm) overwrites the first
     torch.set_rng_state(rng_state)

@@ -500,3 +500,16 @@ def test_one_and_two_threads_train_the_same_weights(tiny_corpus, tmp_path, bf16)
     assert runs[0]["history"] == runs[1]["history"]
     a, b = (torch.load(tmp_path / f"t{t}" / "last.pt")["model"] for t in (1, 2))
     assert [n for n in a if not torch.equal(a[n], b[n])] == []
+
+
+def test_precision_probe_times_our_layer_and_caches_its_pick(tmp_path):
+    """bf16=auto's probe times our encoder layer in fp32 and bf16, picks bf16 only for a clear gain, leaves
+    the random numbers where they were, and keeps its pick per CPU, torch, thread count and probe version."""
+    cache = tmp_path / "precision.json"
+    before = torch.get_rng_state()
+    choice, why = train.probe_bf16(1, cache)
+    assert torch.equal(torch.get_rng_state(), before)
+    entry, = json.loads(cache.read_text()).items()
+    assert entry[0].endswith("| 1 threads | probe 2") and entry[1]["bf16"] == choice
+    assert choice == (entry[1]["bf16_ms"] < 0.9 * entry[1]["fp32_ms"])
+    assert train.probe_bf16(1, cache) == (choice, f"cached probe: bf16 {entry[1]['bf16_ms']} ms, fp32 {entry[1]['fp32_ms']} ms")
