@@ -16,6 +16,8 @@ pos_conv: wav2vec2's positional convolution (kernel 64 or 128, 16 groups) forwar
 bf16 against the same product by FFT (model.GroupedConv1dFFT), and which one model.py's cost rule picks.
 feature_conv: wav2vec2's seven strided convolutions forward+backward in bf16, F.conv1d at the batch's padded
 length against model.py's bf16 CPU path (matrix products on channels-last frames, each utterance at its length).
+linear: model.linear (oneDNN; without gradients a kept, packed weight) against F.linear (MKL in fp32) at a
+training product's, a beam-search step's and a speech encoder's shapes.
 train_step: one optimiser step of the main job's tiny model (const, a typical 26-utterance batch):
 the levers of the main job (no FFN activation dropout, the SDPA math path, one stacked decoder pass
 for ST+ASR+MT, dropout masks from 16-bit random lanes (model.keep_mask) instead of bernoulli_, bf16
@@ -49,7 +51,7 @@ import demo_corpus
 @dataclass
 class BenchConfig:
     only: str = ""                  # run one: data | wav2vec2 | decode | sinkhorn | attention | pos_conv
-                                    # | feature_conv | train_step | precision | hf_step | generate | mfu
+                                    # | feature_conv | linear | train_step | precision | hf_step | generate | mfu
     device: str = "cpu"             # cuda: the rows that compare with Hugging Face (wav2vec2, hf_step,
                                     # generate) and mfu on a GPU, bf16, larger batches; the rest are CPU rows
     data: str = ""                  # an en-XX folder; default: a fresh demo corpus
@@ -295,6 +297,35 @@ def bench_feature_conv(cfg: BenchConfig, reps: int = 3) -> list:
     return rows
 
 
+def bench_linear(cfg: BenchConfig, reps: int = 9) -> list:
+    """model.linear (oneDNN; without gradients a kept, packed copy of the weight) against F.linear (MKL in
+    fp32, oneDNN in bf16 after autocast's cast of the weight) at the shapes that matter: a wav2vec2 base
+    feed-forward product in training (forward + backward, fp32), a beam-search step's 20 rows through a
+    decoder product and a speech encoder's 537 rows (no gradients; each call its own autocast region, as
+    each beam search is)."""
+    import model
+    rows = []
+    cases = [("fp32, 800 x 768 -> 3072, forward + backward", 800, 768, 3072, False, True),
+             ("fp32, 20 x 512 -> 2048, no gradients (beam search)", 20, 512, 2048, False, False),
+             ("bf16, 20 x 512 -> 2048, no gradients (beam search)", 20, 512, 2048, True, False),
+             ("bf16, 537 x 768 -> 3072, no gradients (speech encoder)", 537, 768, 3072, True, False)]
+    for name, m, k, n, bf16, grad in cases:
+        torch.manual_seed(0)
+        x, w, b = torch.randn(m, k, requires_grad=grad), torch.randn(n, k, requires_grad=True), torch.randn(n, requires_grad=True)
+
+        def call(f):
+            def run():
+                with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    y = f(x, w, b)
+                if grad:
+                    y.sum().backward()
+            return run
+        t_peer, t_ours = _time_interleaved([call(torch.nn.functional.linear), call(model.linear)], reps)
+        rows += [(f"{name}: F.linear", t_peer * 1e3, 1.0), (f"{name}: model.linear (ours)", t_ours * 1e3, t_peer / t_ours)]
+    _table(f"linear layers, {torch.get_num_threads()} threads (ratio = F.linear's time / this time)", rows, "ms")
+    return rows
+
+
 def _tiny_step(activation_dropout=0.0, math_attention=True, stacked=True, bf16=True, rand_dropout=True, invariant=True,
                seed=0):
     """A closure running one optimiser step of the main job's model and objective (const) on a fixed
@@ -529,6 +560,9 @@ def _matmul_peak(bf16: bool, n: int = 2048, reps: int = 5) -> float:
     dt = torch.bfloat16 if bf16 else torch.float32
     n = 8192 if DEVICE.type == "cuda" else n
     a, b = torch.randn(n, n, dtype=dt, device=DEVICE), torch.randn(n, n, dtype=dt, device=DEVICE)
+    if DEVICE.type == "cpu":          # the faster of torch's product and model.linear's (fp32: oneDNN beats MKL here)
+        import model
+        return 2 * n ** 3 / min(_time(lambda: a @ b, reps), _time(lambda: model.linear(a, b), reps))
     return 2 * n ** 3 / _time(lambda: a @ b, reps)
 
 
@@ -574,7 +608,7 @@ def main():
     on_gpu = ("wav2vec2", "hf_step", "generate", "mfu")       # the others measure CPU code paths
     benches = {"data": bench_data, "wav2vec2": bench_wav2vec2, "decode": bench_decode, "sinkhorn": bench_sinkhorn,
                "attention": bench_attention, "pos_conv": bench_pos_conv,
-               "feature_conv": bench_feature_conv, "train_step": bench_train_step,
+               "feature_conv": bench_feature_conv, "linear": bench_linear, "train_step": bench_train_step,
                "precision": bench_precision,
                "hf_step": bench_hf_step, "generate": bench_generate, "mfu": bench_mfu}
     for name, run in benches.items():

@@ -15,6 +15,8 @@ def test_attention_train_step_and_precision_rows_run(capsys):
     assert _finite(rows) and len(rows) == 14 and sum("<- picked" in name for name, _, _ in rows) == 7
     rows = bench.bench_feature_conv(cfg, reps=1)
     assert _finite(rows) and len(rows) == 4 and rows[0][2] == rows[2][2] == 1.0
+    rows = bench.bench_linear(cfg, reps=1)
+    assert _finite(rows) and len(rows) == 8 and [r for _, _, r in rows[::2]] == [1.0] * 4
     rows = bench.bench_train_step(cfg, reps=1)
     assert _finite(rows) and len(rows) == 7 and rows[0][2] == 1.0
     assert _finite(bench.bench_precision(cfg, reps=1))
@@ -127,3 +129,29 @@ def test_the_feature_conv_peer_really_runs_f_conv1d(monkeypatch):
     bench.bench_feature_conv(bench.BenchConfig())
     assert seen[0] >= 7 and seen[2] >= 7 and seen[1] == seen[3] == 0 and M.CPU_MATMUL_CONV is True
     assert M.CPU_PER_UTTERANCE_CONV is True
+
+
+def test_the_linear_peer_is_torchs_and_ours_goes_through_onednn(monkeypatch):
+    """--only linear: the peer calls F.linear and never oneDNN's linear op; ours calls that op in every case."""
+    import torch.nn.functional as F
+    import model as M
+    real_mm, real_f, seen, calls = M._onednn_mm, F.linear, [], {"op": 0, "f": 0}
+
+    def counting(real, key):
+        def f(*a, **k):
+            calls[key] += 1
+            return real(*a, **k)
+        return f
+    monkeypatch.setattr(M, "_onednn_mm", counting(real_mm, "op"))
+    monkeypatch.setattr(F, "linear", counting(real_f, "f"))
+
+    def once(fns, reps):
+        for f in fns:
+            calls.update(op=0, f=0)
+            f()
+            seen.append(dict(calls))
+        return [1.0] * len(fns)
+    monkeypatch.setattr(bench, "_time_interleaved", once)
+    bench.bench_linear(bench.BenchConfig())
+    assert len(seen) == 8
+    assert all(p["f"] >= 1 and p["op"] == 0 for p in seen[::2]) and all(o["op"] >= 1 for o in seen[1::2])
