@@ -309,11 +309,12 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias); on a CPU through oneDNN (above), the same values to rounding."""
-    dt = cpu_compute_dtype(x)
-    if (x.device.type != "cpu" or not CPU_ONEDNN_LINEAR or not _ONEDNN or x.numel() == 0
-            or dt not in (torch.float32, torch.bfloat16)):
+    if x.device.type != "cpu" or not CPU_ONEDNN_LINEAR or not _ONEDNN or x.numel() == 0:
         return F.linear(x, weight, bias)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    dt = cpu_compute_dtype(x)
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    if dt not in (torch.float32, torch.bfloat16) or (grad and dt == torch.bfloat16):
+        return F.linear(x, weight, bias)                  # torch's bf16 product is oneDNN's already
     if not grad and (dt == torch.bfloat16 or x.numel() <= PACKED_ROWS * x.shape[-1]):
         key = (weight.data_ptr(), weight._version, dt, None if bias is None else (bias.data_ptr(), bias._version))
         kept = _PACKED.get(weight)
@@ -321,8 +322,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             kept = _PACKED[weight] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dt)),
                                       None if bias is None else bias.detach().to(dt))
         return _onednn_mm(x.to(dt), kept[1], kept[2])
-    if dt == torch.bfloat16:
-        return F.linear(x, weight, bias)                  # torch's bf16 product is oneDNN's already
     if not grad:
         return _onednn_mm(x, weight, bias)
     return _OneDNNLinear.apply(x, weight, bias)
