@@ -20,6 +20,7 @@ import functools
 import json
 import math
 import os
+import platform
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -264,17 +265,21 @@ class LayerNorm(nn.LayerNorm):
 
 
 # A CPU's matrix products of activations and weights run in oneDNN (torch's mkldnn ops), not MKL. In fp32, MKL
-# takes its AVX2 kernels on AMD processors: 112 GFLOP/s on this machine's core against oneDNN's 248 for the same
-# (800, 768) @ (768, 3072) product, and as much again for each of the backward's two products (bench.py --only
-# linear). bf16 products already reach oneDNN through torch. With few rows (a beam-search step: 20), reading the
-# weight costs as much as multiplying, and oneDNN reads its packed (blocked) copy of the weight faster: 131 -> 95
-# us for (20, 512) @ (512, 2048) in bf16, 249 -> 178 in fp32. So without gradients the packed copy is kept while
-# the weight stays (keyed on its data pointer and version, like the positional convolution's spectrum below) for
-# products of at most PACKED_ROWS rows: the decoder's steps. An encoder's hundreds of rows gain 2-6 % from
-# packing: not worth a second copy of its weights.
+# reaches 112 GFLOP/s on this machine's AMD core (MKL is known to take slower paths on non-Intel processors),
+# oneDNN 248 for the same (800, 768) @ (768, 3072) product, and as much again for each of the backward's two
+# products: a fp32 step of ours ~2x faster in its linear layers (bench.py --only linear). bf16 products with
+# gradients already reach oneDNN through torch. Without gradients (decoding), a kept copy of the weight in the
+# compute dtype, packed into oneDNN's blocked layout: with few rows (a beam-search step: 20) reading the weight
+# costs as much as multiplying, and the packed copy reads faster: 131 -> 95 us for (20, 512) @ (512, 2048) in
+# bf16, 249 -> 178 in fp32; in bf16 the kept copy also spares autocast's cast of every weight in every autocast
+# region (~25 ms of a base beam search). The copy is keyed on the weight's data pointer and version (like the
+# positional convolution's spectrum below): an optimiser step makes a new one. fp32 keeps copies for products
+# of at most PACKED_ROWS rows only (the decoder's steps): an encoder's hundreds of rows gain 2-6 % from packing,
+# not worth a second fp32 copy of its weights. Memory: a bf16 copy of the linear weights (~190 MB at base).
 CPU_ONEDNN_LINEAR = True
 PACKED_ROWS = 64
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+           and platform.machine().lower() in ("x86_64", "amd64"))    # measured on x86 only
 _PACKED = torch.utils.weak.WeakIdKeyDictionary()     # weight -> (key, packed weight, bias in its dtype)
 
 
