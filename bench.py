@@ -566,10 +566,23 @@ def _matmul_peak(bf16: bool, n: int = 2048, reps: int = 5) -> float:
     return 2 * n ** 3 / _time(lambda: a @ b, reps)
 
 
+def _count_flops(fn) -> int:
+    """FLOPs of fn() by torch.utils.flop_counter, with model.linear's oneDNN products counted: the counter has
+    no formula for torch.ops.mkldnn's linear, so it counts the same products with F.linear in their place."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import model
+    flag, model.CPU_ONEDNN_LINEAR = model.CPU_ONEDNN_LINEAR, False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        model.CPU_ONEDNN_LINEAR = flag
+    return counter.get_total_flops()
+
+
 def bench_mfu(cfg: BenchConfig, reps: int = 3, presets=("tiny", "base")) -> list:
     """Model FLOP utilisation: FLOPs of one training step (torch.utils.flop_counter) / its time, divided by
     a matrix product's FLOP/s measured in the same run and precision."""
-    from torch.utils.flop_counter import FlopCounterMode
     import train
     bf16 = train.probe_bf16(torch.get_num_threads())[0]
     steps = {}
@@ -583,10 +596,8 @@ def bench_mfu(cfg: BenchConfig, reps: int = 3, presets=("tiny", "base")) -> list
     rows = []
     for name, step in steps.items():
         step()
-        with FlopCounterMode(display=False) as counter:
-            step()
+        flops = _count_flops(step)
         t = _time(step, reps)
-        flops = counter.get_total_flops()
         rows.append((name, flops / t / 1e9, flops / t / peak))
     n = 8192 if DEVICE.type == "cuda" else 2048
     print(f"\n## model FLOP utilisation, {'bf16' if bf16 else 'fp32'}, {_where()}; peak = a {n}^2 "

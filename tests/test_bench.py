@@ -155,3 +155,15 @@ def test_the_linear_peer_is_torchs_and_ours_goes_through_onednn(monkeypatch):
     bench.bench_linear(bench.BenchConfig())
     assert len(seen) == 8
     assert all(p["f"] >= 1 and p["op"] == 0 for p in seen[::2]) and all(o["op"] >= 1 for o in seen[1::2])
+
+
+def test_flops_of_onednn_products_are_counted():
+    """torch's FLOP counter has no formula for oneDNN's linear op: bench._count_flops still counts model.linear's
+    products (fp32 with gradients, and without: the packed path), 2 M K N each, and leaves the flag as it was."""
+    import torch
+    import model as M
+    x, w = torch.randn(30, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+    assert bench._count_flops(lambda: M.linear(x, w).sum().backward()) == 3 * 2 * 30 * 16 * 8
+    with torch.no_grad():
+        assert bench._count_flops(lambda: M.linear(x, w)) == 2 * 30 * 16 * 8
+    assert M.CPU_ONEDNN_LINEAR is True
