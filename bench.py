@@ -29,7 +29,8 @@ architecture (no shared encoder), against Hugging Face's SpeechEncoderDecoderMod
 generate: beam 5 from audio on those three models, all forced to the same number of tokens, and ours'
 speech encoder alone: the floor under our search's time (the same wav2vec2 arithmetic as HF's encoder).
 mfu: FLOPs of the tiny and base training steps (torch.utils.flop_counter) per second, divided by a
-2048 x 2048 matrix product's FLOP/s measured in the same run and precision.
+2048 x 2048 matrix product's FLOP/s measured in the same run and precision (the faster of torch's and
+model.linear's).
 """
 from __future__ import annotations
 
