@@ -275,7 +275,8 @@ class LayerNorm(nn.LayerNorm):
 # region (~25 ms of a base beam search). The copy is keyed on the weight's data pointer and version (like the
 # positional convolution's spectrum below): an optimiser step makes a new one. fp32 keeps copies for products
 # of at most PACKED_ROWS rows only (the decoder's steps): an encoder's hundreds of rows gain 2-6 % from packing,
-# not worth a second fp32 copy of its weights. Memory: a bf16 copy of the linear weights (~190 MB at base).
+# not worth a second fp32 copy of its weights. Memory: a bf16 copy of the linear weights (~190 MB at base) while
+# the model decodes; a weight that is trained again lets its copy go.
 CPU_ONEDNN_LINEAR = True
 PACKED_ROWS = 64
 _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -317,19 +318,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x.device.type != "cpu" or not CPU_ONEDNN_LINEAR or not _ONEDNN or x.numel() == 0:
         return F.linear(x, weight, bias)
     dt = cpu_compute_dtype(x)
-    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    if dt not in (torch.float32, torch.bfloat16) or (grad and dt == torch.bfloat16):
-        return F.linear(x, weight, bias)                  # torch's bf16 product is oneDNN's already
-    if not grad and (dt == torch.bfloat16 or x.numel() <= PACKED_ROWS * x.shape[-1]):
+    if dt not in (torch.float32, torch.bfloat16):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        if _PACKED:
+            _PACKED.pop(weight, None)        # trained from here on: a kept copy would only hold memory
+        return F.linear(x, weight, bias) if dt == torch.bfloat16 else _OneDNNLinear.apply(x, weight, bias)
+    if dt == torch.bfloat16 or x.numel() <= PACKED_ROWS * x.shape[-1]:
         key = (weight.data_ptr(), weight._version, dt, None if bias is None else (bias.data_ptr(), bias._version))
         kept = _PACKED.get(weight)
         if kept is None or kept[0] != key:
             kept = _PACKED[weight] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dt)),
                                       None if bias is None else bias.detach().to(dt))
         return _onednn_mm(x.to(dt), kept[1], kept[2])
-    if not grad:
-        return _onednn_mm(x, weight, bias)
-    return _OneDNNLinear.apply(x, weight, bias)
+    return _onednn_mm(x, weight, bias)
 
 
 class Linear(nn.Linear):

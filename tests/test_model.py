@@ -785,8 +785,9 @@ def test_feature_encoder_over_the_batch_as_on_a_gpu_equals_the_per_utterance_pat
 def test_linear_through_onednn_equals_f_linear():
     """model.linear (oneDNN on a CPU) gives F.linear's values and three gradients in fp32, with and without
     gradients, few rows (the packed weight) and many; under bf16 autocast without gradients the same bf16
-    product; the packed copy is made once and made again after the weight changes in place (an optimiser
-    step); one and two threads give the same bits (training must not depend on the thread count)."""
+    product; the packed copy is made once, made again after the weight changes in place (an optimiser
+    step) and let go when the weight is trained again; one and two threads give the same bits (training
+    must not depend on the thread count)."""
     torch.manual_seed(0)
     w, b = torch.randn(48, 40, requires_grad=True), torch.randn(48, requires_grad=True)
     for rows in ((3, 5), (300,)):
@@ -815,6 +816,8 @@ def test_linear_through_onednn_equals_f_linear():
         w.add_(1.0)                                            # the weight changes in place
         torch.testing.assert_close(model.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
         assert model._PACKED[w] is not kept
+    model.linear(x, w, b)                                      # trained again: the kept copy is let go
+    assert w not in model._PACKED
     x, g = torch.randn(2000, 40), torch.randn(2000, 48)
     bits = []
     n = torch.get_num_threads()
