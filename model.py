@@ -284,6 +284,12 @@ _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_
 _PACKED = torch.utils.weak.WeakIdKeyDictionary()     # weight -> (key, packed weight, bias in its dtype)
 
 
+def weights_key(*tensors) -> tuple:
+    """What identifies the values of these tensors (None skipped) for a cache kept while they stay: storage,
+    version (bumped by every in-place update: an optimiser step, load_state_dict), device and dtype."""
+    return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors if t is not None)
+
+
 def _onednn_mm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ w (N, K)^T + b (N,) in oneDNN; w plain or packed."""
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
@@ -325,7 +331,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             _PACKED.pop(weight, None)        # trained from here on: a kept copy would only hold memory
         return F.linear(x, weight, bias) if dt == torch.bfloat16 else _OneDNNLinear.apply(x, weight, bias)
     if dt == torch.bfloat16 or x.numel() <= PACKED_ROWS * x.shape[-1]:
-        key = (weight.data_ptr(), weight._version, dt, None if bias is None else (bias.data_ptr(), bias._version))
+        key = (weights_key(weight, bias), dt)
         kept = _PACKED.get(weight)
         if kept is None or kept[0] != key:
             kept = _PACKED[weight] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dt)),
@@ -739,8 +745,7 @@ class Wav2Vec2PositionalConvEmbedding(nn.Module):
         self._spectra = {}            # n -> the kernel's spectrum; "key" -> the weights it was computed from
 
     def _spectrum(self, n: int) -> torch.Tensor:
-        params = list(self.conv.parameters())
-        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
+        key = weights_key(*self.conv.parameters())
         if self._spectra.get("key") != key:
             self._spectra = {"key": key}
         if n not in self._spectra:
