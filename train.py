@@ -150,6 +150,28 @@ CLI_RECIPE = "const"     # `python train.py` shows one of the papers' methods at
 CTR_VIEWS = ("original", "rep", "sma", "scut", "fcut")
 
 
+def _unknown_key(key: str, fields) -> str:
+    close = difflib.get_close_matches(key, fields, n=3)
+    return f"unknown config key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(fields)}")
+
+
+def config(preset: str = TrainConfig.preset, recipe: str = CLI_RECIPE, **overrides) -> TrainConfig:
+    """What the command line builds, from Python: the preset's training settings, then the recipe's
+    weights, then `overrides` (TrainConfig's fields). `TrainConfig(...)` itself takes its fields as given:
+    `TrainConfig(recipe="s-align")` names a recipe without switching its term on (check_config says so)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key in overrides:
+        if key not in fields:
+            raise SystemExit(_unknown_key(key, fields))
+    if preset not in TRAIN_PRESETS:
+        raise SystemExit(f"unknown preset {preset!r}; choose one of {sorted(TRAIN_PRESETS)}")
+    if recipe not in RECIPES:
+        raise SystemExit(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
+    cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **RECIPES[recipe], "preset": preset, "recipe": recipe, **overrides})
+    check_config(cfg)
+    return cfg
+
+
 def parse_config(argv: list) -> TrainConfig:
     """--key=value overrides, type-checked against TrainConfig; unknown keys list close matches."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -159,9 +181,7 @@ def parse_config(argv: list) -> TrainConfig:
             raise SystemExit(f"expected --key=value, got {arg!r}")
         key, eq, value = arg[2:].partition("=")
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=3)
-            raise SystemExit(f"unknown config key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else
-                                                              f"; known keys: {', '.join(fields)}"))
+            raise SystemExit(_unknown_key(key, fields))
         typ = type(fields[key].default)
         if not eq and typ is bool:
             value = "true"
@@ -174,15 +194,7 @@ def parse_config(argv: list) -> TrainConfig:
                 given[key] = typ(value)
         except ValueError:
             raise SystemExit(f"--{key} expects a {typ.__name__}, got {value!r}") from None
-    preset = given.get("preset", TrainConfig.preset)
-    if preset not in TRAIN_PRESETS:
-        raise SystemExit(f"unknown preset {preset!r}; choose one of {sorted(TRAIN_PRESETS)}")
-    recipe = given.get("recipe", CLI_RECIPE)
-    if recipe not in RECIPES:
-        raise SystemExit(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
-    cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **RECIPES[recipe], "recipe": recipe, **given})
-    check_config(cfg)
-    return cfg
+    return config(**given)
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> M.ModelConfig:
@@ -218,6 +230,16 @@ CHOICES = {"stage": ("all", "multitask", "mt"), "bf16": ("auto", "true", "false"
 
 
 def check_config(cfg: TrainConfig):
+    for name, table, kind in ((cfg.preset, TRAIN_PRESETS, "preset"), (cfg.recipe, RECIPES, "recipe")):
+        if name not in table:
+            raise SystemExit(f"unknown {kind} {name!r}; choose one of {sorted(table)}")
+        # a name whose settings were never applied (TrainConfig(recipe="const") from Python) would train
+        # something else than the logs say: all of them still at TrainConfig's defaults is that mistake
+        settings, default = table[name], TrainConfig()
+        if settings and all(getattr(cfg, k) == getattr(default, k) for k in settings):
+            wanted = ", ".join(f"{k}={v}" for k, v in settings.items())
+            raise SystemExit(f"{kind}={name!r}, but none of its settings is applied ({wanted}): build the config "
+                             f"with train.config({kind}={name!r}, ...) (as the command line does), or pass them")
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key}={getattr(cfg, key)!r}: choose one of {', '.join(allowed)}")

@@ -122,6 +122,25 @@ def test_config_overrides_are_type_checked():
         train.parse_config(["--recipe=magic"])
 
 
+def test_config_from_python_applies_preset_and_recipe():
+    """train.config is the command line's composition; a TrainConfig naming a recipe or preset whose
+    settings were never applied is refused, so a log never says `s-align` over a run without its adversary."""
+    cfg = train.config(preset="base", recipe="s-align", lr=3e-4)
+    assert cfg == train.parse_config(["--preset=base", "--recipe=s-align", "--lr=0.0003"])
+    assert (cfg.adv_weight, cfg.warmup, cfg.frontend, cfg.lr) == (4.0, 25_000, "wav2vec2", 3e-4)
+    assert train.config() == train.parse_config([]) and train.config().ctr_weight == 1.5   # const, as on the command line
+    with pytest.raises(SystemExit, match="recipe='s-align', but none of its settings is applied .*adv_weight=4.0"):
+        train.check_config(train.TrainConfig(recipe="s-align"))
+    with pytest.raises(SystemExit, match="preset='base', but none of its settings"):
+        train.check_config(train.TrainConfig(preset="base"))
+    with pytest.raises(SystemExit, match="unknown recipe 'magic'"):
+        train.check_config(train.TrainConfig(recipe="magic"))
+    with pytest.raises(SystemExit, match="unknown config key 'max_step'; did you mean max_steps"):
+        train.config(max_step=3)
+    train.check_config(train.TrainConfig(recipe="const", ctr_weight=0.5))     # an ablation of a recipe: allowed
+    train.check_config(train.TrainConfig(recipe="xstnet"))                      # nothing to apply
+
+
 def test_const_recipe_adds_the_contrastive_term(tiny_corpus, tmp_path):
     cfg = train.parse_config(["--recipe=const"])
     assert (cfg.ctr_weight, cfg.ctr_tau) == (1.5, 0.02)

@@ -383,8 +383,9 @@ print("wrote", path)
 # the term $\lambda\,\mathcal{L}_{CTR}$. Both keep the project's CPU backbone: log-mel front end, ST + ASR
 # + MT, and CTC from the low-level speech states to the transcript (`README.md`, "Where this differs").
 #
-# `train.parse_config` (the command line) fills in a recipe's values; a `TrainConfig` built in Python
-# takes its fields as given, so we set ConST's $\lambda = 1.5$ and $\tau = 0.02$ next to `recipe="const"`.
+# `train.parse_config` (the command line) and `train.config(recipe="const", ...)` fill in a recipe's values;
+# a `TrainConfig` built directly takes its fields as given, so we set ConST's $\lambda = 1.5$ and
+# $\tau = 0.02$ next to `recipe="const"`, where you can see them.
 # The budget: batches of at most 30 s of padded audio (about 16 utterances, so 15 in-batch negatives),
 # 150 steps per recipe, a peak learning rate of 5e-3 after 30 warm-up steps (higher than `train.py`'s
 # 2e-3: a short run needs to move fast). On one core each run takes
