@@ -104,6 +104,11 @@ def _resample_file(src: Path, dst: Path, block: int = 1 << 18):
     os.replace(tmp, dst)
 
 
+def target_language(root: str | Path) -> str:
+    """A MuST-C folder's target language: `.../en-de` -> "de"."""
+    return Path(root).name.split("-")[-1]
+
+
 @dataclass
 class Segment:
     id: str
@@ -124,7 +129,7 @@ class MustcSplit(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, split: str, vocab: "Vocab | None" = None, max_frames: int | None = None,
                  verbose: bool = True):
         self.root, self.split, self.vocab = Path(root), split, vocab
-        self.tgt_lang = self.root.name.split("-")[-1]
+        self.tgt_lang = target_language(self.root)
         txt = self.root / "data" / split / "txt"
         yaml_path, en_path, tgt_path = txt / f"{split}.yaml", txt / f"{split}.en", txt / f"{split}.{self.tgt_lang}"
         entries = _read_yaml(yaml_path)
@@ -257,7 +262,7 @@ def build_vocab(root: str | Path, size: int = 10_000, verbose: bool = True) -> V
     """
     import sentencepiece as spm
     root = Path(root)
-    tgt = root.name.split("-")[-1]
+    tgt = target_language(root)
     txt = root / "data" / "train" / "txt"
     lines = _read_lines(txt / "train.en") + _read_lines(txt / f"train.{tgt}")
     # the trainer's pieces depend on its thread count: one thread, on every machine (0.2-0.4 s here)

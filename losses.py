@@ -49,9 +49,9 @@ def label_smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, eps
 
 def ctc_loss(states: torch.Tensor, lens: torch.Tensor, embed_weight: torch.Tensor, src: torch.Tensor,
              src_lens: torch.Tensor, blank: int = BOS_ID) -> torch.Tensor:
-    """CTC from the speech low-level states to the transcript, maximising p(x | a) (ConST §5.3):
-    the head is tied to the word embedding (ConST's `ctc_cnn`); blank is `<s>`, which never occurs in
-    a transcript; targets drop `<lang:en>` and `</s>`. Summed over the batch.
+    """CTC from the speech states to the transcript, maximising p(x | a) (ConST §5.3): the head is tied
+    to the word embedding (ConST's `ctc_cnn`, whose input is `SpeechTranslator.ctc_states`); blank is
+    `<s>`, which never occurs in a transcript; targets drop `<lang:en>` and `</s>`. Summed over the batch.
 
     states (B, T, D), lens (B,), embed_weight (V, D), src (B, L) `<lang:en> x </s>`, src_lens (B,)."""
     lprobs = F.log_softmax(linear(states, embed_weight).float(), dim=-1).transpose(0, 1)   # (T, B, V)
@@ -68,8 +68,10 @@ def contrastive_loss(u: torch.Tensor, v: torch.Tensor, tau: float = 0.02, symmet
         S[i, j] = cos(u_i, v_j) / tau,   L = sum_i -log softmax_j(S[i, :])[i]
     u (B, D) pooled speech, v (B, D) pooled transcripts (model.masked_mean); the other transcripts
     of the batch are the negatives. Speech->text only, as the released code; `symmetric` adds the
-    text->speech direction (`--use-dual-ctr`)."""
-    sim = F.normalize(u.float(), dim=-1) @ F.normalize(v.float(), dim=-1).T / tau      # (B, B)
+    text->speech direction (`--use-dual-ctr`). In fp32 under autocast too: a bf16 cosine is off by ~0.004,
+    which 1/tau = 50 makes a logit off by 0.2."""
+    with torch.autocast(u.device.type, enabled=False):
+        sim = F.normalize(u.float(), dim=-1) @ F.normalize(v.float(), dim=-1).T / tau      # (B, B)
     labels = torch.arange(len(u), device=u.device)
     loss = F.cross_entropy(sim, labels, reduction="sum")
     if symmetric:
@@ -247,7 +249,8 @@ def blank_noise(src: torch.Tensor, src_lens: torch.Tensor, punctuation: torch.Te
     """S-Align's text noise (METHODS §2.5), which makes a transcript look like CTC-shrunk speech:
     every punctuation piece becomes the blank `<s>`; with probability p, rho ~ U(0, rho_max) and
     round(n * rho) more blanks go in before random word-initial pieces (n = word pieces, tags and
-    </s> excluded). The discriminator's target is 1 - rho (1 when nothing was inserted).
+    </s> excluded). The discriminator's target is 1 - rho whenever insertion fires, even if round(n * rho)
+    is 0, and 1 when it does not (METHODS §2.10.8).
 
     src (B, L) `<lang:en> x </s>`, src_lens (B,), punctuation / word_initial (V,) bool lookup tables
     -> (noised (B, L'), lengths (B,), target (B,), inserted (B,))."""

@@ -1242,7 +1242,9 @@ class DecoderLayer(nn.Module):
 class Outputs:
     """Everything a loss may need from one forward pass. Shapes: low-level (B, T, D) states are
     the shared encoder's inputs, high-level ones its outputs; logits[task] (B, L, V) predict
-    targets[task] (B, L), whose position 0 is the language tag."""
+    targets[task] (B, L), whose position 0 is the language tag. speech_subsampled (B, T, D) is the
+    length adaptor's output before sqrt(d), positions and dropout: the CTC head's input (`ctc_states`)."""
+    speech_subsampled: torch.Tensor | None = None
     speech_low: torch.Tensor | None = None
     speech_high: torch.Tensor | None = None
     speech_lens: torch.Tensor | None = None
@@ -1308,14 +1310,24 @@ class SpeechTranslator(nn.Module):
         """x * sqrt(d) + sinusoidal positions + dropout: ConST's low-level representation."""
         return self.dropout(x * self.embed_scale + self.positions[offset:offset + x.shape[1]].to(x.dtype))
 
-    def encode_speech(self, audio: torch.Tensor, lens: torch.Tensor) -> tuple:
-        """audio (B, S), lens (B,) -> low-level speech states (B, T, D) and their lengths (B,)."""
+    def subsample_speech(self, audio: torch.Tensor, lens: torch.Tensor) -> tuple:
+        """audio (B, S), lens (B,) -> the length adaptor's output (B, T, D) and its lengths (B,)."""
         if self.cfg.frontend == "wav2vec2":
             x, lens = self.wav2vec2(audio, lens)
         else:
             x, lens = self.logmel(audio, lens)
-        x, lens = self.subsample(x, lens)
+        return self.subsample(x, lens)
+
+    def encode_speech(self, audio: torch.Tensor, lens: torch.Tensor) -> tuple:
+        """audio (B, S), lens (B,) -> low-level speech states (B, T, D) and their lengths (B,)."""
+        x, lens = self.subsample_speech(audio, lens)
         return self._embed(x), lens
+
+    def ctc_states(self, subsampled: torch.Tensor) -> torch.Tensor:
+        """The input of ConST's `ctc_cnn` head (METHODS §1.7): the length adaptor's output x sqrt(d) with
+        its own dropout and no positions, as the released code's `compute_ctc_logit_and_logprob`
+        (positions would add a per-frame bias to every token's logit). (B, T, D) -> (B, T, D)."""
+        return self.dropout(subsampled * self.embed_scale)
 
     def encode_text(self, tokens: torch.Tensor, lens: torch.Tensor) -> tuple:
         """tokens (B, L) `<lang:en> x </s>` -> low-level text states (B, L, D) and lengths."""
@@ -1348,7 +1360,8 @@ class SpeechTranslator(nn.Module):
         The tasks' decoder passes run as one pass over their rows stacked (`decode_stacked`)."""
         out, jobs = Outputs(), {}
         if "st" in tasks or "asr" in tasks:
-            out.speech_low, out.speech_lens = self.encode_speech(batch.audio, batch.audio_lens)
+            out.speech_subsampled, out.speech_lens = self.subsample_speech(batch.audio, batch.audio_lens)
+            out.speech_low = self._embed(out.speech_subsampled)
             out.speech_high = self.encode(out.speech_low, out.speech_lens)
         if "st" in tasks:
             jobs["st"] = (batch.tgt, out.speech_high, out.speech_lens)

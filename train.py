@@ -146,6 +146,7 @@ RECIPES = {
     "sspc": {"sspc_weight": 1.0},
     "sspc+const": {"sspc_weight": 1.0, "ctr_weight": 1.5, "ctr_tau": 0.02},
 }
+CTR_WEIGHT = {"de": 1.5, "nl": 1.5}      # ConST's lambda by target language (1.0 for the others); RECIPES holds En-De's
 CLI_RECIPE = "const"     # `python train.py` shows one of the papers' methods at work: ConST
 CTR_VIEWS = ("original", "rep", "sma", "scut", "fcut")
 
@@ -167,7 +168,10 @@ def config(preset: str = TrainConfig.preset, recipe: str = CLI_RECIPE, **overrid
         raise SystemExit(f"unknown preset {preset!r}; choose one of {sorted(TRAIN_PRESETS)}")
     if recipe not in RECIPES:
         raise SystemExit(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
-    cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **RECIPES[recipe], "preset": preset, "recipe": recipe, **overrides})
+    terms = dict(RECIPES[recipe])
+    if "ctr_weight" in terms:             # ConST §4.1: lambda 1.5 for German and Dutch, 1.0 for the other targets
+        terms["ctr_weight"] = CTR_WEIGHT.get(data.target_language(overrides.get("data", TrainConfig.data)), 1.0)
+    cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **terms, "preset": preset, "recipe": recipe, **overrides})
     check_config(cfg)
     return cfg
 
@@ -243,6 +247,11 @@ def check_config(cfg: TrainConfig):
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key}={getattr(cfg, key)!r}: choose one of {', '.join(allowed)}")
+    if cfg.adv_d_extra <= 0:
+        raise SystemExit(f"--adv_d_extra={cfg.adv_d_extra}: L_D's extra factor must be > 0 (the official code's is 1.5)")
+    if not 0 <= cfg.sspc_r <= cfg.sspc_anchors:
+        raise SystemExit(f"--sspc_r={cfg.sspc_r}: anchors per sample must be between 1 and --sspc_anchors="
+                         f"{cfg.sspc_anchors} (0: half of them)")
     views = cfg.ctr_views.split("+")
     if not views or any(v not in CTR_VIEWS for v in views) or len(set(views)) != len(views):
         raise SystemExit(f"--ctr_views={cfg.ctr_views!r}: join distinct names from {', '.join(CTR_VIEWS)} with '+'")
@@ -318,7 +327,7 @@ def s_align_terms(cfg: TrainConfig, raw: M.SpeechTranslator, disc: L.ModalityDis
         T = out.speech_low.shape[1]
         if mixup == "ctc":    # each frame's CTC label (blank included), as the official code after shrinking
             with torch.no_grad():
-                tokens = torch.nn.functional.linear(out.speech_low, raw.embed_tokens.weight).argmax(-1)
+                tokens = M.linear(raw.ctc_states(out.speech_subsampled), raw.embed_tokens.weight).argmax(-1)
         else:
             tokens = batch.src.gather(1, L.length_proportional_alignment(out.speech_lens, batch.src_lens, T))
         # a text frame: the scaled word embedding at the speech frame's position, no dropout
@@ -367,8 +376,9 @@ def objective(cfg: TrainConfig, model: M.SpeechTranslator, batch: data.Batch, ta
     for task in tasks:
         terms[task], _, _ = L.label_smoothed_cross_entropy(out.logits[task], out.targets[task], cfg.label_smoothing)
     speech = "st" in tasks
-    if speech and cfg.ctc_weight > 0:
-        terms["ctc"] = L.ctc_loss(out.speech_low, out.speech_lens, raw.embed_tokens.weight, batch.src, batch.src_lens)
+    if speech and cfg.ctc_weight > 0:      # ConST's ctc_cnn head: the length adaptor's output, no positions
+        terms["ctc"] = L.ctc_loss(raw.ctc_states(out.speech_subsampled), out.speech_lens, raw.embed_tokens.weight,
+                                  batch.src, batch.src_lens)
     if speech and (cfg.halign_weight > 0 or cfg.adv_weight > 0 or cfg.sspc_weight > 0) and out.text_high is None:
         out.text_low, out.text_lens = raw.encode_text(batch.src, batch.src_lens)
         out.text_high = raw.encode(out.text_low, out.text_lens)

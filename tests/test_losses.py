@@ -45,6 +45,22 @@ def test_contrastive_limits():
         assert torch.allclose(losses.contrastive_loss(same_u, same_v, tau), torch.tensor(8 * math.log(8)), rtol=1e-5)
 
 
+def test_contrastive_similarities_stay_fp32_under_bf16_autocast():
+    """train.py computes the objective under bf16 autocast: the cosines must not be rounded to bf16,
+    whose error 1/tau = 50 would blow up to ~0.2 of a logit."""
+    torch.manual_seed(0)
+    base = torch.randn(16, 256)
+    u, v = base + 3 * torch.randn(16, 256), base + 3 * torch.randn(16, 256)    # cosines ~0.1: a hard batch
+    exact = losses.contrastive_loss(u, v, 0.02, symmetric=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = losses.contrastive_loss(u, v, 0.02, symmetric=True)
+        rounded = F.normalize(u, dim=-1) @ F.normalize(v, dim=-1).T / 0.02      # what autocast does to a bare product
+    assert got.dtype == torch.float32 and torch.allclose(got, exact, rtol=1e-6)
+    assert exact > 1.0                                                          # hard enough that rounding shows:
+    sims = F.normalize(u, dim=-1) @ F.normalize(v, dim=-1).T / 0.02
+    assert rounded.dtype == torch.bfloat16 and (rounded.float() - sims).abs().max() > 0.02
+
+
 def test_contrastive_direction_by_hand_and_symmetric():
     u = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     v = torch.tensor([[1.0, 0.2], [0.0, 1.0]])

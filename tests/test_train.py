@@ -197,6 +197,38 @@ def _model_and_batch(corpus, **over):
     return cfg, M.SpeechTranslator(train.model_config(cfg, len(vocab))), batch, vocab
 
 
+def test_ctc_head_reads_the_length_adaptor_output_without_positions(tiny_corpus):
+    """ConST's ctc_cnn (the released compute_ctc_logit_and_logprob): sqrt(d) x the length adaptor's output,
+    its own dropout, no positional embeddings; the encoder's input is the same states plus positions."""
+    cfg, model, batch, _ = _model_and_batch(tiny_corpus)
+    model.eval()
+    with torch.no_grad():
+        out = model(batch, ("st",))
+        T = out.speech_low.shape[1]
+        assert torch.allclose(out.speech_low, out.speech_subsampled * model.embed_scale + model.positions[:T], atol=1e-5)
+        _, logged = train.objective(cfg, model, batch, ("st",))
+        n = batch.tgt_lens.sum().item()
+        head = losses.ctc_loss(model.ctc_states(out.speech_subsampled), out.speech_lens, model.embed_tokens.weight,
+                               batch.src, batch.src_lens) / n
+        with_positions = losses.ctc_loss(out.speech_low, out.speech_lens, model.embed_tokens.weight, batch.src,
+                                         batch.src_lens) / n
+    assert logged["ctc"] == pytest.approx(head.item(), rel=1e-5)
+    assert abs(with_positions.item() - head.item()) > 1e-3 * head.item()
+
+
+def test_config_weights_ctr_by_target_language_and_rejects_impossible_values():
+    """ConST §4.1: lambda 1.5 for German and Dutch, 1.0 for the other MuST-C targets; a value given wins."""
+    assert train.config(recipe="const", data="must-c/en-de").ctr_weight == 1.5
+    assert train.config(recipe="sspc+const", data="must-c/en-nl").ctr_weight == 1.5
+    assert train.config(recipe="const", data="must-c/en-fr").ctr_weight == 1.0
+    assert train.parse_config(["--data=must-c/en-es"]).ctr_weight == 1.0
+    assert train.config(recipe="const", data="must-c/en-fr", ctr_weight=2.0).ctr_weight == 2.0
+    with pytest.raises(SystemExit, match="--adv_d_extra=0.0"):
+        train.config(recipe="s-align", adv_d_extra=0.0)
+    with pytest.raises(SystemExit, match="--sspc_r=65"):
+        train.config(recipe="sspc", sspc_r=65)
+
+
 def test_lambda_zero_is_xstnet_and_each_term_enters_with_its_weight(tiny_corpus):
     """ConST with lambda 0 = XSTNet (METHODS §1.13.10); with lambda > 0 the loss grows by exactly
     lambda * L_CTR / N_tgt, and likewise for L2 and H-Align."""

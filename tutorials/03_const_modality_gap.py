@@ -381,7 +381,7 @@ print("wrote", path)
 # Both recipes start from **the same checkpoint** (here: the freshly initialised `tiny` model, saved by
 # a zero-step run) and read the same batches in the same order (same seed), so the only difference is
 # the term $\lambda\,\mathcal{L}_{CTR}$. Both keep the project's CPU backbone: log-mel front end, ST + ASR
-# + MT, and CTC from the low-level speech states to the transcript (`README.md`, "Where this differs").
+# + MT, and CTC from the speech to the transcript (`README.md`, "Where this differs").
 #
 # `train.parse_config` (the command line) and `train.config(recipe="const", ...)` fill in a recipe's values;
 # a `TrainConfig` built directly takes its fields as given, so we set ConST's $\lambda = 1.5$ and

@@ -80,8 +80,9 @@ print("figures, the demo corpus and the runs go to", OUT)
 #   $\varepsilon = 0.1$): $(1-\varepsilon)\,(-\log p_{y_t}) + \frac{\varepsilon}{V}\sum_{w}(-\log p_w)$,
 #   **summed** over the target tokens; position 0 (the language tag, which is forced at decoding time)
 #   carries no loss;
-# * the CPU demo adds a CTC term from the low-level speech states to the transcript (`losses.ctc_loss`,
-#   weight 1; ConST's released recipe has it off); `const` adds $\lambda = 1.5$ times
+# * the CPU demo adds a CTC term from the speech to the transcript (`losses.ctc_loss`, weight 1; ConST's
+#   released recipe has it off), whose head reads the length adaptor's output scaled by $\sqrt{d}$, without
+#   positional embeddings, as the released code's `ctc_cnn` (`net.ctc_states`); `const` adds $\lambda = 1.5$ times
 #   `losses.contrastive_loss` (tutorial 3);
 # * the **whole sum is divided by the number of ST target tokens** $N_{tgt}$ of the batch, as the
 #   official code does, so the papers' weights carry over unchanged:
@@ -128,9 +129,11 @@ print(f"  weighted sum of the logged terms: {sum(w * logged[k] for k, w in weigh
 # functions of `losses.py`. You need:
 #
 # * `out = net(batch, TASKS, reencode_asr=cfg.reencode_asr)`: `out.logits[task]` and `out.targets[task]`
-#   for the three tasks, and the low-level speech states `out.speech_low` with lengths `out.speech_lens`;
+#   for the three tasks, the low-level speech states `out.speech_low` with lengths `out.speech_lens`, and the
+#   length adaptor's output `out.speech_subsampled` (the same states before $\sqrt{d}$ and positions);
 # * `L.label_smoothed_cross_entropy(logits, targets, eps)` returns `(sum, nll_sum, n_tokens)`;
-# * `L.ctc_loss(out.speech_low, out.speech_lens, net.embed_tokens.weight, batch.src, batch.src_lens)`;
+# * `L.ctc_loss(net.ctc_states(out.speech_subsampled), out.speech_lens, net.embed_tokens.weight, batch.src,
+#   batch.src_lens)`;
 # * `L.contrastive_loss(u, v, tau)` with $u$ the mean-pooled `out.speech_low` and $v$ the mean-pooled
 #   `net.encode_text(batch.src, batch.src_lens)` states (`M.masked_mean`);
 # * the weights in `cfg`, and $N_{tgt}$ = `batch.tgt_lens.sum()`.
@@ -141,7 +144,8 @@ def eq1(cfg: train.TrainConfig, net: M.SpeechTranslator, batch: data.Batch) -> t
     ### BEGIN SOLUTION
     out = net(batch, TASKS, reencode_asr=cfg.reencode_asr)
     ce = {t: L.label_smoothed_cross_entropy(out.logits[t], out.targets[t], cfg.label_smoothing)[0] for t in TASKS}
-    ctc = L.ctc_loss(out.speech_low, out.speech_lens, net.embed_tokens.weight, batch.src, batch.src_lens)
+    ctc = L.ctc_loss(net.ctc_states(out.speech_subsampled), out.speech_lens, net.embed_tokens.weight, batch.src,
+                     batch.src_lens)
     u = M.masked_mean(out.speech_low, out.speech_lens)
     v = M.masked_mean(*net.encode_text(batch.src, batch.src_lens))
     ctr = L.contrastive_loss(u, v, cfg.ctr_tau)
