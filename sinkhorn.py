@@ -179,7 +179,8 @@ class SSPC(nn.Module):
       cost(cos(e_in[m], A_in[m]), Y[cos(e_j[n], A_j[m])])     input-space prediction, joint-space target
       cost(cos(e_j[m],  A_j[n]),  Y[cos(e_in[n], A_in[n])])   joint-space prediction, input-space target
     Y = multi_assignment_sinkhorn over [queue; batch] scores, the batch's rows, without gradient.
-    m = n terms are intra-modal, m != n cross-modal. The loss is 0 until the queues have filled once."""
+    m = n terms are intra-modal, m != n cross-modal. The loss is 0 until a step starts with the queues full
+    (as the official code: its targets never come from the queues' random initial rows)."""
 
     def __init__(self, dim: int, k: int = 64, r: int | None = None, queue: int = 4096, eps: float = 0.07,
                  n_iters: int = 20, low_weight: float = 0.25, cost: str = "code", modalities=("s", "x")):
@@ -213,10 +214,10 @@ class SSPC(nn.Module):
                 else:
                     cross = cross + term
         usage = list(y_input.values())
+        on = all(q.full for q in (*self.queue_in.values(), *self.queue_j.values()))   # before this batch goes in
         for m in self.modalities:
             self.queue_in[m].push(e_in[m])
             self.queue_j[m].push(e_j[m])
-        on = all(q.full for q in (*self.queue_in.values(), *self.queue_j.values()))
         p = torch.cat(usage).float()
         p = (p / p.sum(-1, keepdim=True).clamp(min=1e-12)).mean(0)
         logs = {"sspc_intra": float(intra.detach()), "sspc_cross": float(cross.detach()),

@@ -115,15 +115,16 @@ def test_cost_lower_bound_and_variants():
 
 def test_sspc_warms_up_then_sends_gradients_to_the_predicting_side_only():
     torch.manual_seed(0)
-    loss_fn = S.SSPC(dim=8, k=6, queue=10)
+    loss_fn = S.SSPC(dim=8, k=6, queue=8)
     feats = {name: torch.randn(4, 8, requires_grad=True) for name in ("in_s", "in_x", "j_s", "j_x")}
     e_in, e_j = {"s": feats["in_s"], "x": feats["in_x"]}, {"s": feats["j_s"], "x": feats["j_x"]}
     loss, logs = loss_fn(e_in, e_j)                              # 4 rows pushed: queues not full yet
     assert loss.item() == 0 and logs["sspc_on"] == 0 and logs["sspc_intra"] > 0
     loss.backward()
     assert all(f.grad is None or (f.grad == 0).all() for f in feats.values())
-    for _ in range(2):
-        loss, logs = loss_fn(e_in, e_j)
+    loss, logs = loss_fn(e_in, e_j)                              # fills the queues: its targets saw random rows
+    assert loss.item() == 0 and logs["sspc_on"] == 0
+    loss, logs = loss_fn(e_in, e_j)                              # starts full: on, as the official code
     assert logs["sspc_on"] == 1 and loss.item() > 0
     assert 0 < logs["anchor_entropy"] <= math.log(6) + 1e-6
     loss.backward()
