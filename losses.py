@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import BOS_ID, PAD_ID
-from model import lengths_to_padding_mask, linear, masked_mean
+from model import lengths_to_padding_mask, masked_mean
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,7 +54,7 @@ def ctc_loss(states: torch.Tensor, lens: torch.Tensor, embed_weight: torch.Tenso
     `<s>`, which never occurs in a transcript; targets drop `<lang:en>` and `</s>`. Summed over the batch.
 
     states (B, T, D), lens (B,), embed_weight (V, D), src (B, L) `<lang:en> x </s>`, src_lens (B,)."""
-    lprobs = F.log_softmax(linear(states, embed_weight).float(), dim=-1).transpose(0, 1)   # (T, B, V)
+    lprobs = F.log_softmax(F.linear(states, embed_weight).float(), dim=-1).transpose(0, 1)   # (T, B, V)
     target_lens = src_lens - 2
     targets = src[:, 1:-1] if src.shape[1] > 2 else src[:, :0]
     return F.ctc_loss(lprobs, targets, lens, target_lens, blank=blank, reduction="sum", zero_infinity=True)

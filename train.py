@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import data
 import model as M
@@ -323,7 +324,7 @@ def s_align_terms(cfg: TrainConfig, raw: M.SpeechTranslator, disc: L.ModalityDis
         T = out.speech_low.shape[1]
         if mixup == "ctc":    # each frame's CTC label (blank included), as the official code after shrinking
             with torch.no_grad():
-                tokens = M.linear(raw.ctc_states(out.speech_subsampled), raw.embed_tokens.weight).argmax(-1)
+                tokens = F.linear(raw.ctc_states(out.speech_subsampled), raw.embed_tokens.weight).argmax(-1)
         else:
             tokens = batch.src.gather(1, L.length_proportional_alignment(out.speech_lens, batch.src_lens, T))
         # a text frame: the scaled word embedding at the speech frame's position, no dropout
@@ -436,27 +437,30 @@ def probe_bf16(threads: int, cache: Path | None = Path.home() / ".cache" / "st-a
     """Is bf16 autocast faster than fp32 on this CPU? -> (bool, how it was decided). Machines here
     differ: on one, bf16 made a step 1.7x faster; on another (AVX-512 without AMX), 1.2x slower. So
     measure instead of asking a capability flag: forward and backward of one of our tiny encoder layers
-    (our code paths: model.linear's oneDNN products, not torch's own layer's) at a training step's shapes,
-    best of 5, once per CPU model, torch version, thread count and probe version (cached)."""
+    at a training step's shapes, best of 5, once per CPU model, torch version, thread count and probe
+    version (cached). A CPU without native bf16 may run it 30x slower, or refuse it (an error): fp32 then."""
     import platform
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    key = f"{cpu} | torch {torch.__version__} | {threads} threads | probe 2"
+    key = f"{cpu} | torch {torch.__version__} | {threads} threads | probe 3"
     table = json.loads(cache.read_text()) if cache and cache.exists() else {}
     if key in table:
         return table[key]["bf16"], f"cached probe: bf16 {table[key]['bf16_ms']} ms, fp32 {table[key]['fp32_ms']} ms"
     rng_state = torch.get_rng_state()       # the probe must not move the run's random numbers
     layer = M.EncoderLayer(M.model_config("tiny", dropout=0.0, attention_dropout=0.0, activation_dropout=0.0))
-    x, packed = torch.randn(24 * 40, 256), M.Packed(None, 24, 40)
+    x, pad_mask = torch.randn(24, 40, 256), torch.zeros(24, 40, dtype=torch.bool)
     ms = {}
     for name, on in (("fp32", False), ("bf16", True), ("fp32", False), ("bf16", True)):
         best = float("inf")
         for _ in range(5):
             t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
-                layer(x, packed).float().pow(2).mean().backward()
+            try:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
+                    layer(x, pad_mask).float().pow(2).mean().backward()
+            except RuntimeError:            # a kernel that refuses bf16 on this CPU: fp32 it is
+                break
             best = min(best, time.perf_counter() - t0)
-        ms[name] = round(1000 * best, 2)    # the second round of each (warm) overwrites the first
+        ms[name] = round(1000 * best, 2) if best < float("inf") else float("inf")   # the warm round overwrites
     torch.set_rng_state(rng_state)
     choice = ms["bf16"] < 0.9 * ms["fp32"]   # bf16 costs accuracy: take it only for a clear gain
     if cache:
