@@ -301,7 +301,7 @@ def lengths_to_padding_mask(lens: torch.Tensor, max_len: int | None = None) -> t
 def pad_sequences(seqs: list, value) -> tuple:
     """List of 1-D sequences -> ((B, L) padded tensor, (B,) lengths)."""
     seqs = [torch.as_tensor(s) for s in seqs]
-    lens = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    lens = torch.tensor([len(s) for s in seqs], dtype=torch.long, device=seqs[0].device if seqs else "cpu")
     return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value), lens
 
 
@@ -412,22 +412,24 @@ def span_mask_audio(audio: torch.Tensor, lens: torch.Tensor, p: float = 0.25, sp
     for b, T in enumerate(lens.tolist()):
         if T < span:
             continue
-        n = max(min_masks, int(p * T / span + torch.rand((), generator=generator).item()))
+        # the spans are drawn on the host (the CPU's RNG on every device), the mask applied where the audio is
+        n = max(min_masks, int(p * T / span + torch.rand((), generator=generator, device="cpu").item()))
         n = min(n, T - span + 1)
-        starts = torch.randperm(T - span + 1, generator=generator)[:n]
-        edges = torch.zeros(T + 1, dtype=torch.int32)
-        edges.index_add_(0, starts, torch.ones(n, dtype=torch.int32))
-        edges.index_add_(0, starts + span, -torch.ones(n, dtype=torch.int32))
-        mask[b, :T] = edges.cumsum(0)[:T] > 0
+        starts = torch.randperm(T - span + 1, generator=generator, device="cpu")[:n]
+        edges = torch.zeros(T + 1, dtype=torch.int32, device="cpu")
+        edges.index_add_(0, starts, torch.ones(n, dtype=torch.int32, device="cpu"))
+        edges.index_add_(0, starts + span, -torch.ones(n, dtype=torch.int32, device="cpu"))
+        mask[b, :T] = (edges.cumsum(0)[:T] > 0).to(audio.device)
     return audio.masked_fill(mask, 0.0), mask
 
 
 def repeat_words(tokens: torch.Tensor, special: set, generator: torch.Generator | None = None) -> tuple:
     """Word repetition (Rep): every sub-word is repeated Poisson(1) extra times; ids in `special`
     (language tags, </s>, padding) stay single. tokens (L,) -> (repeated (L',), counts (L,))."""
-    counts = 1 + torch.poisson(torch.ones(len(tokens)), generator=generator).long()
-    is_special = torch.tensor([int(t) in special for t in tokens.tolist()], dtype=torch.bool)
+    counts = 1 + torch.poisson(torch.ones(len(tokens), device="cpu"), generator=generator).long()   # host RNG
+    is_special = torch.tensor([int(t) in special for t in tokens.tolist()], dtype=torch.bool, device="cpu")
     counts[is_special] = 1
+    counts = counts.to(tokens.device)
     return tokens.repeat_interleave(counts), counts
 
 

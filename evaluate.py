@@ -148,7 +148,7 @@ def plot_similarity(sims: dict, out: Path, n: int = 40) -> Path:
 
 def top1(similarity: torch.Tensor) -> float:
     """% of rows whose largest entry is on the diagonal."""
-    return 100.0 * (similarity.argmax(1) == torch.arange(len(similarity))).float().mean().item()
+    return 100.0 * (similarity.argmax(1) == torch.arange(len(similarity), device=similarity.device)).float().mean().item()
 
 
 @torch.no_grad()
@@ -168,7 +168,7 @@ def retrieval(model: M.SpeechTranslator, ds: data.MustcSplit, device="cpu", batc
         states = {"speech_low": (speech_low, speech_lens), "speech_high": (model.encode(speech_low, speech_lens), speech_lens),
                   "text_low": (text_low, text_lens), "text_high": (model.encode(text_low, text_lens), text_lens)}
         for k, (x, lens) in states.items():                  # no decoder pass: retrieval needs none
-            vecs = M.masked_mean(x.float(), lens)
+            vecs = M.masked_mean(x.float(), lens).cpu()       # the split's vectors gather on the host
             for j, i in enumerate(group):
                 pooled[k][i] = vecs[j]
     result, sims = {}, {}

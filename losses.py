@@ -262,13 +262,13 @@ def blank_noise(src: torch.Tensor, src_lens: torch.Tensor, punctuation: torch.Te
         tokens[body & punctuation[tokens]] = blank
         starts = (body & word_initial[tokens]).nonzero().squeeze(1)
         rho, k = 0.0, 0
-        if float(torch.rand(())) < p and len(starts):
-            rho = float(torch.rand(())) * rho_max
+        if float(torch.rand((), device="cpu")) < p and len(starts):      # drawn on the host: the CPU's RNG
+            rho = float(torch.rand((), device="cpu")) * rho_max
             k = round((n - 2) * rho)
         before = torch.zeros(n, dtype=torch.long, device=src.device)
         if k:
-            before.index_add_(0, starts[torch.randint(len(starts), (k,))], torch.ones(k, dtype=torch.long,
-                                                                                      device=src.device))
+            picks = torch.randint(len(starts), (k,), device="cpu").to(src.device)
+            before.index_add_(0, starts[picks], torch.ones(k, dtype=torch.long, device=src.device))
         # each token t becomes before[t] blanks followed by t
         counts = before + 1
         out = torch.full((int(counts.sum()),), blank, dtype=src.dtype, device=src.device)
@@ -280,7 +280,7 @@ def blank_noise(src: torch.Tensor, src_lens: torch.Tensor, punctuation: torch.Te
     noised = torch.full((len(rows), int(lens.max())), PAD_ID, dtype=src.dtype, device=src.device)
     for b, r in enumerate(rows):
         noised[b, :len(r)] = r
-    return noised, lens, torch.tensor(targets, device=src.device), torch.tensor(inserted)
+    return noised, lens, torch.tensor(targets, device=src.device), torch.tensor(inserted, device="cpu")
 
 
 def hard_alignment_loss(speech_high: torch.Tensor, speech_lens: torch.Tensor, text_high: torch.Tensor,

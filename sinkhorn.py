@@ -128,8 +128,11 @@ class Anchors(nn.Module):
         self.weight = nn.Parameter(torch.randn(k, dim))
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
-        """Cosine scores of (B, d) embeddings (normalised here) against every anchor: (B, K)."""
-        return F.normalize(e, dim=-1) @ F.normalize(self.weight, dim=-1).T
+        """Cosine scores of (B, d) embeddings (normalised here) against every anchor: (B, K), in fp32 under
+        autocast too (a bf16 cosine is off by ~0.004, which the costs' 1 / tau = 10 and Sinkhorn's 1 / eps
+        magnify)."""
+        with torch.autocast(e.device.type, enabled=False):
+            return F.normalize(e.float(), dim=-1) @ F.normalize(self.weight.float(), dim=-1).T
 
 
 class EmbeddingQueue(nn.Module):
@@ -142,8 +145,9 @@ class EmbeddingQueue(nn.Module):
         self.register_buffer("pushed", torch.zeros((), dtype=torch.long))
 
     @property
-    def full(self) -> bool:
-        return int(self.pushed) >= len(self.rows)
+    def full(self) -> torch.Tensor:
+        """A bool tensor (reading it on the host would wait for the device every step)."""
+        return self.pushed >= len(self.rows)
 
     @torch.no_grad()
     def push(self, x: torch.Tensor):
@@ -214,13 +218,12 @@ class SSPC(nn.Module):
                 else:
                     cross = cross + term
         usage = list(y_input.values())
-        on = all(q.full for q in (*self.queue_in.values(), *self.queue_j.values()))   # before this batch goes in
+        on = torch.stack([q.full for q in (*self.queue_in.values(), *self.queue_j.values())]).all()   # before this push
         for m in self.modalities:
             self.queue_in[m].push(e_in[m])
             self.queue_j[m].push(e_j[m])
         p = torch.cat(usage).float()
         p = (p / p.sum(-1, keepdim=True).clamp(min=1e-12)).mean(0)
-        logs = {"sspc_intra": float(intra.detach()), "sspc_cross": float(cross.detach()),
-                "anchor_entropy": float(-(p * p.clamp(min=1e-12).log()).sum()), "sspc_on": float(on)}
-        loss = intra + cross
-        return (loss if on else loss * 0.0), logs
+        logs = {"sspc_intra": intra.detach(), "sspc_cross": cross.detach(),      # tensors: read when logged
+                "anchor_entropy": -(p * p.clamp(min=1e-12).log()).sum(), "sspc_on": on.float()}
+        return (intra + cross) * on, logs

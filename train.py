@@ -10,7 +10,9 @@ each checkpoint. The objective is ConST Eq. 1 as one visible weighted sum (see `
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import difflib
 import json
 import math
@@ -320,7 +322,7 @@ def s_align_terms(cfg: TrainConfig, raw: M.SpeechTranslator, disc: L.ModalityDis
     z_sp, y_sp = out.speech_high, torch.zeros(B, device=out.speech_high.device)
     mixup = cfg.adv_mixup if cfg.adv_mixup != "auto" else ("ctc" if cfg.ctc_weight > 0 else "length")
     mixed = 0.0
-    if mixup != "none" and step >= cfg.adv_mixup_start * cfg.max_steps and float(torch.rand(())) < cfg.adv_mixup_prob:
+    if mixup != "none" and step >= cfg.adv_mixup_start * cfg.max_steps and float(torch.rand((), device="cpu")) < cfg.adv_mixup_prob:
         T = out.speech_low.shape[1]
         if mixup == "ctc":    # each frame's CTC label (blank included), as the official code after shrinking
             with torch.no_grad():
@@ -355,9 +357,9 @@ def s_align_terms(cfg: TrainConfig, raw: M.SpeechTranslator, disc: L.ModalityDis
             logits = disc(z, lens)
     with torch.no_grad():   # accuracy of D on a 0.5 threshold of its targets
         acc = ((logits.squeeze(-1) > 0) == (y > 0.5)).float().mean()
-    per_position = len(w) / float(w.sum())     # the losses are means of w_i BCE_i; log the BCE per position
-    logs = {"disc_bce": float(loss_d.detach()) * per_position, "gen_bce": float(loss_g.detach()) * per_position,
-            "disc_acc": float(acc), "mixed": mixed}
+    per_position = len(w) / w.sum()            # the losses are means of w_i BCE_i; log the BCE per position
+    logs = {"disc_bce": loss_d.detach() * per_position, "gen_bce": loss_g.detach() * per_position,
+            "disc_acc": acc, "mixed": mixed}      # tensors: read on the host only when logged
     return loss_d, loss_g, logs
 
 
@@ -365,7 +367,8 @@ def objective(cfg: TrainConfig, model: M.SpeechTranslator, batch: data.Batch, ta
               aux: torch.nn.ModuleDict | None = None, tables: dict | None = None) -> tuple:
     """ConST Eq. 1 with every alignment term of the three papers, as one weighted sum of summed
     losses divided by the ST target tokens (METHODS §1.4). Returns (loss, dict of logged values:
-    each term per target token, plus the alignment terms' own diagnostics)."""
+    each term per target token, plus the alignment terms' own diagnostics; tensors or numbers, read on the
+    host only when logged)."""
     raw = model.module if hasattr(model, "module") else model
     out = model(batch, tasks, reencode_asr=cfg.reencode_asr)
     n_tokens, B = batch.tgt_lens.sum(), len(batch)
@@ -423,7 +426,15 @@ def objective(cfg: TrainConfig, model: M.SpeechTranslator, batch: data.Batch, ta
         + weights["adv_g"] * terms.get("adv_g", 0.0)      # S-Align: a / 0.7 * L_G (trains the encoders only)
         + weights["sspc"] * terms.get("sspc", 0.0)        # SSPC: beta * L_SSPC
     ) / n_tokens
-    return loss, {**{k: float(v.detach()) / n_tokens.item() for k, v in terms.items()}, **logs}
+    return loss, {**{k: v.detach() / n_tokens for k, v in terms.items()}, **logs}   # tensors: no wait for the device
+
+
+def logged_floats(rows: list, device: torch.device) -> list:
+    """Steps' logged values (tensors on the device, or numbers) as dicts of floats, read from the device in
+    one transfer: logging waits for the device once per log_every steps, not once per term and step."""
+    flat = [torch.as_tensor(v, device=device).float().reshape(()) for r in rows for v in r.values()]
+    values = iter(torch.stack(flat).tolist() if flat else [])
+    return [{k: next(values) for k in r} for r in rows]
 
 
 def save_checkpoint(path: Path, state: dict):
@@ -472,6 +483,38 @@ def probe_bf16(threads: int, cache: Path | None = Path.home() / ".cache" / "st-a
     return choice, f"probe: bf16 {ms['bf16']} ms, fp32 {ms['fp32']} ms"
 
 
+def setup_distributed(device_name: str) -> tuple:
+    """-> (ddp, rank, world, device). Under torchrun (RANK and WORLD_SIZE set) the process group is made once
+    per process: the main job's two stages share it (train.py's __main__ takes it down at the end)."""
+    device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available() else
+                          ("cpu" if device_name == "auto" else device_name))
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False, 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        # rank 0 evaluates dev alone while the others wait at their next all-reduce: allow it an hour
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(hours=1))
+    return True, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
+
+
+def precision(cfg: TrainConfig, device: torch.device) -> tuple:
+    """-> (autocast dtype, or None for fp32; why). A GPU: bf16 where it runs bf16 natively (Ampere and later),
+    else fp16 with a GradScaler (V100 and T4 only emulate bf16). A CPU: whichever the probe measures faster."""
+    if cfg.bf16 == "false":
+        return None, "set by --bf16"
+    if device.type == "cuda" and cfg.bf16 == "auto":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16, "CUDA with native bf16"
+        return torch.float16, "CUDA without native bf16: fp16 with loss scaling"
+    if cfg.bf16 == "true":
+        return torch.bfloat16, "set by --bf16"
+    faster, why = probe_bf16(torch.get_num_threads())
+    return (torch.bfloat16 if faster else None), why
+
+
 class Interrupted(data.UserError):
     """SIGINT or SIGTERM stopped a stage; last.pt was saved first."""
 
@@ -483,25 +526,13 @@ def train(cfg: TrainConfig, bar=None) -> dict:
     if cfg.stage == "all":        # one stage is trained here; main_job() strings the stages together
         cfg = dataclasses.replace(cfg, stage="multitask")
     # -- distributed, device, precision, seeds
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    if ddp:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
+    ddp, rank, world, device = setup_distributed(cfg.device)
     if device.type == "cpu":     # the cores this process may use (taskset), not the machine's count
         torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
     main_proc = rank == 0
     say = print if main_proc else (lambda *a, **k: None)
-    if cfg.bf16 != "auto":
-        use_bf16, why = cfg.bf16 == "true", "set by --bf16"
-    elif device.type == "cuda":
-        use_bf16, why = True, "CUDA"
-    else:
-        use_bf16, why = probe_bf16(torch.get_num_threads())
+    amp_dtype, why = precision(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)   # fp16 only: loss scaling
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
@@ -537,7 +568,8 @@ def train(cfg: TrainConfig, bar=None) -> dict:
         dataset = train_ds
     # the loader's own generator: creating an iterator must not draw from the global RNG (exact resume)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate,
-                                         num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed))
+                                         num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed),
+                                         pin_memory=device.type == "cuda")     # pinned: copied while the GPU works
 
     # -- model and optimiser
     model = M.SpeechTranslator(model_config(cfg, len(vocab))).to(device)
@@ -572,6 +604,7 @@ def train(cfg: TrainConfig, bar=None) -> dict:
         aux.load_state_dict(ck.get("aligners", {}))
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck.get("scaler", {}))
         sampler.load_state_dict(ck["sampler"])
         step, best_bleu, skipped = ck["step"], ck["best_bleu"], ck["skipped"]
         random.setstate(ck["rng"]["python"])
@@ -579,8 +612,9 @@ def train(cfg: TrainConfig, bar=None) -> dict:
         if torch.cuda.is_available() and ck["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ck["rng"]["cuda"])
         say(f"resumed from {out_dir / 'last.pt'} at step {step}")
-    # the MT stage leaves the speech path unused, and freezing wav2vec2 takes it out of the graph for a while
-    unused = text_stage or cfg.freeze_w2v_steps > 0
+    # Parameters without a gradient in some step: the MT stage leaves the speech path unused, and wav2vec2 always
+    # has some (masked_spec_embed, which fine-tuning never uses; LayerDrop's skipped layers; the frozen phase)
+    unused = text_stage or mcfg.frontend == "wav2vec2"
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused) if ddp else model
     if ddp:     # DDP broadcasts the model's weights from rank 0; the aligners sit outside it
         for t in (*aux.parameters(), *aux.buffers()):
@@ -588,13 +622,14 @@ def train(cfg: TrainConfig, bar=None) -> dict:
     say("config: " + json.dumps(asdict(cfg)))
     say(f"model: {cfg.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"frontend {mcfg.frontend}, tasks {'+'.join(tasks)}, device {device}, threads {torch.get_num_threads()}, "
-        f"bf16 {use_bf16} ({why}), world {world}")
+        f"precision {str(amp_dtype or torch.float32).replace('torch.', '')} ({why}), world {world}")
     if len(aux):
         say(f"recipe {cfg.recipe}: aligners {', '.join(aux)} ({sum(p.numel() for p in aux.parameters()) / 1e6:.2f}M "
             f"parameters)")
 
     def checkpoint_state() -> dict:
-        return {"model": model.state_dict(), "aligners": aux.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        return {"model": model.state_dict(), "aligners": aux.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "sampler": sampler.state_dict(), "step": step, "best_bleu": best_bleu, "skipped": skipped,
                 "config": asdict(cfg), "model_config": asdict(mcfg), "vocab": str(vocab.path.resolve()),
                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -603,9 +638,9 @@ def train(cfg: TrainConfig, bar=None) -> dict:
     # -- the loop
     from tqdm import tqdm
     log_file = open(out_dir / "log.jsonl", "a" if cfg.resume else "w") if main_proc else None
-    t_start, t_log, utts, toks, losses_sum, n_log = time.time(), time.time(), 0, 0, {}, 0
+    t_start, t_log, utts, toks = time.time(), time.time(), 0, 0
     batches = iter(loader)
-    history, notes, t_saved = [], [], time.time()
+    history, pending, notes, t_saved = [], [], [], time.time()     # pending: steps not yet read from the device
     own_bar = bar is None
     if own_bar:
         bar = tqdm(total=cfg.max_steps, initial=step, disable=not main_proc, desc=cfg.stage, dynamic_ncols=True)
@@ -635,57 +670,63 @@ def train(cfg: TrainConfig, bar=None) -> dict:
         net.train()
         aux.train()
         optimizer.zero_grad(set_to_none=True)
-        step_terms, finite = {}, True
+        step_terms, bad = {}, torch.zeros((), device=device)
         for micro in range(cfg.accum):
             try:
                 batch = next(batches)
             except StopIteration:
                 batches = iter(loader)
                 batch = next(batches)
-            toks += int(batch.tgt_lens.sum())          # target tokens, counted on the host: no GPU sync
+            toks += int(batch.tgt_lens.sum())          # target tokens, counted on the host: no device sync
             batch = batch.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, terms = objective(cfg, net, batch, tasks, step, aux, tables)
-            finite = finite and bool(torch.isfinite(loss))
-            (loss / cfg.accum).backward()
+            # under DDP the gradients are all-reduced in the last micro-batch's backward only
+            with net.no_sync() if ddp and micro < cfg.accum - 1 else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                    loss, terms = objective(cfg, net, batch, tasks, step, aux, tables)
+                bad = bad + ~torch.isfinite(loss.detach())
+                scaler.scale(loss / cfg.accum).backward()
             sampler.advance()
             utts += len(batch)
             for k, v in terms.items():
                 step_terms[k] = step_terms.get(k, 0.0) + v / cfg.accum
-        if not finite:
-            skipped, bad_in_row = skipped + 1, bad_in_row + 1
-            say(f"step {step}: non-finite loss, update skipped ({skipped} so far)")
-            if bad_in_row >= cfg.max_bad_steps:
-                raise RuntimeError(f"{bad_in_row} non-finite losses in a row at step {step}: lower --lr, check the data "
-                                   f"(python data.py stats) or switch --bf16=false")
-            optimizer.zero_grad(set_to_none=True)
-            continue
-        bad_in_row = 0
+        if ddp:     # a non-finite loss on any rank skips the update on every rank: the ranks stay in step
+            torch.distributed.all_reduce(bad)
         if ddp and len(aux):     # the aligners sit outside DDP: average their gradients by hand
             for p in aux.parameters():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 torch.distributed.all_reduce(p.grad)
                 p.grad /= world
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         # clipped on their own: the discriminator's loss trains only the discriminator and must not
         # shrink the translation model's step through a shared norm
         if len(aux):
             torch.nn.utils.clip_grad_norm_(aux.parameters(), cfg.clip)
-        optimizer.step()
+        if not bool((bad == 0) & torch.isfinite(grad_norm)):      # the step's one wait for the device
+            skipped, bad_in_row = skipped + 1, bad_in_row + 1
+            say(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
+            if bad_in_row >= cfg.max_bad_steps:
+                raise RuntimeError(f"{bad_in_row} non-finite losses in a row at step {step}: lower --lr, check the data "
+                                   f"(python data.py stats) or switch --bf16=false")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.update()                        # fp16: an overflow lowers the loss scale
+            continue
+        bad_in_row = 0
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         step += 1
         bar.update(1)
         if main_proc and time.time() - t_saved >= 60 * cfg.save_minutes and step < cfg.max_steps:
             save_checkpoint(out_dir / "last.pt", checkpoint_state())     # a kill loses minutes, not the run
             t_saved = time.time()
-        history.append(step_terms)
-        for k, v in step_terms.items():
-            losses_sum[k] = losses_sum.get(k, 0.0) + v
-        n_log += 1
+        pending.append(step_terms)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
+            rows, pending = logged_floats(pending, device), []
+            history += rows
             seconds = time.time() - t_log
-            record = {"step": step, **{k: round(v / n_log, 4) for k, v in losses_sum.items()},
+            record = {"step": step, **{k: round(sum(r.get(k, 0.0) for r in rows) / len(rows), 4) for k in dict.fromkeys(k for r in rows for k in r)},
                       "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 3),
                       "utt_per_s": round(utts * world / seconds, 1), "tok_per_s": round(toks * world / seconds),
                       "minutes": round((time.time() - t_start) / 60, 2)}
@@ -693,12 +734,12 @@ def train(cfg: TrainConfig, bar=None) -> dict:
             if log_file:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-            t_log, utts, toks, losses_sum, n_log = time.time(), 0, 0, {}, 0
+            t_log, utts, toks = time.time(), 0, 0
         if main_proc and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             import evaluate
             task = "mt" if text_stage else "st"
             dev = evaluate.bleu_on(model, dev_ds, vocab, task, beam=cfg.eval_beam, limit=cfg.eval_dev_max,
-                                   device=device, bf16=use_bf16)
+                                   device=device, bf16=amp_dtype == torch.bfloat16)
             bar.write(f"step {step}: dev {task.upper()} BLEU {dev:.2f}")
             if log_file:
                 log_file.write(json.dumps({"step": step, f"dev_{task}_bleu": dev}) + "\n")
@@ -717,8 +758,9 @@ def train(cfg: TrainConfig, bar=None) -> dict:
     if stop:     # the signal came during the stage's last step: the stage is whole, the job still stops
         raise Interrupted(f"{stop[0]} at step {step} of the {cfg.stage} stage (its last): saved {out_dir / 'last.pt'}; "
                           f"continue with the same command and --resume")
-    if ddp:
-        torch.distributed.destroy_process_group()
+    history += logged_floats(pending, device)
+    if ddp:         # no rank reads this stage's checkpoints (the next stage's init_from) before rank 0 wrote them
+        torch.distributed.barrier()
     return {"step": step, "history": history, "skipped": skipped, "minutes": (time.time() - t_start) / 60,
             "best": str(out_dir / "best.pt"), "last": str(out_dir / "last.pt"), "notes": notes}
 
@@ -753,9 +795,10 @@ def main_job(cfg: TrainConfig) -> dict:
         raise data.Missing(f"nothing to resume in {out}: it has no last.pt{' nor mt/last.pt' if run_mt else ''}; "
                            f"start without --resume")
     total = (cfg.mt_steps if run_mt else 0) + cfg.max_steps
-    print(f"the main job: {f'{cfg.mt_steps} MT steps, then ' if run_mt else ''}{cfg.max_steps} multitask steps "
-          f"({cfg.recipe}), then tst-COMMON with beam 5; the bar's ETA covers all {total} steps")
-    bar = tqdm(total=total, desc="main job", dynamic_ncols=True)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"the main job: {f'{cfg.mt_steps} MT steps, then ' if run_mt else ''}{cfg.max_steps} multitask steps "
+              f"({cfg.recipe}), then tst-COMMON with beam 5; the bar's ETA covers all {total} steps")
+    bar = tqdm(total=total, desc="main job", dynamic_ncols=True, disable=int(os.environ.get("RANK", 0)) != 0)
     notes = []
     if run_mt:
         mt_cfg = dataclasses.replace(cfg, stage="mt", out_dir=str(mt_dir), max_steps=cfg.mt_steps, lr=cfg.mt_lr,
@@ -775,6 +818,8 @@ def main_job(cfg: TrainConfig) -> dict:
     notes += result["notes"]
     if not cfg.final_eval:
         return result
+    if int(os.environ.get("RANK", 0)) != 0:     # under torchrun, rank 0 alone evaluates
+        return result
     summary = evaluate.main(["--ckpt", result["last"], "--split", "tst-COMMON", "--beam", "5", "--quiet"])
     print(evaluate.results_table(summary, (time.time() - t0) / 60, notes))
     return summary
@@ -783,6 +828,8 @@ def main_job(cfg: TrainConfig) -> dict:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     except Interrupted as err:
         sys.exit(str(err))
     except KeyboardInterrupt:             # a second Ctrl-C, or one outside a training loop
