@@ -1,36 +1,33 @@
 """bench.py: speed and memory, measured as ratios against a peer in the same run.
 
-    python bench.py                 # every benchmark that exists so far
+    python bench.py                 # every benchmark
     python bench.py --only data     # one of them
+    python bench.py --device=cuda   # the rows that run on a GPU (wav2vec2, decode, train_step, hf_step, generate, mfu)
 
 data: segments/s of the MuST-C reader + collate + bucketed sampler, in the main process and with
-one loader worker, against the peer a simpler reader would be: read the whole talk, then slice.
+one loader worker, against the peer a simpler reader would be: read the whole talk, then slice (CPU).
 wav2vec2: forward+backward of our wav2vec2 against Hugging Face's Wav2Vec2Model with identical
-weights on the same audio (base shapes).
-decode: beam search with the KV cache against the same search recomputing every prefix.
+weights on the same audio (base shapes, fp32).
+decode: beam search with the KV cache against the same search recomputing every prefix (generate's
+use_cache=True against use_cache=False, the same tokens).
 sinkhorn: sinkhorn_knopp and multi_assignment_sinkhorn (and its direct K x N x K form) against
-POT's ot.sinkhorn on the same N x K cosine scores, the same number of iterations.
-attention: scaled_dot_product_attention forward+backward in bf16 at the tiny model's shapes, the
-math path (what model.py uses for bf16 training on a CPU) against the kernel torch picks by default.
-pos_conv: wav2vec2's positional convolution (kernel 64 or 128, 16 groups) forward+backward, F.conv1d in
-bf16 against the same product by FFT (model.GroupedConv1dFFT), and which one model.py's cost rule picks.
-feature_conv: wav2vec2's seven strided convolutions forward+backward in bf16, F.conv1d at the batch's padded
-length against model.py's bf16 CPU path (matrix products on channels-last frames, each utterance at its length).
-linear: model.linear (oneDNN; without gradients a kept, packed weight) against F.linear (MKL in fp32) at a
-training product's, a beam-search step's and a speech encoder's shapes.
-train_step: one optimiser step of the main job's tiny model (const, a typical 26-utterance batch):
-the levers of the main job (no FFN activation dropout, the SDPA math path, one stacked decoder pass
-for ST+ASR+MT, dropout masks from 16-bit random lanes (model.keep_mask) instead of bernoulli_, bf16
-where the probe measures it faster) against the same step without each of them.
-precision: that step in fp32 and in bf16 autocast, and what train.py's bf16=auto probe picks here.
+POT's ot.sinkhorn on the same N x K cosine scores, the same number of iterations (CPU).
+train_step: one optimiser step of the main job's tiny model (const, a typical 26-utterance batch)
+against the same step without each of its two levers: no FFN activation dropout, and one stacked
+decoder pass for ST+ASR+MT (SpeechTranslator.decode_stacked) instead of one pass per task.
+precision: that step, and a base wav2vec2 ST step, in fp32 and in bf16 autocast, and what train.py's
+bf16=auto probe picks here (CPU).
 hf_step: one optimiser step of our model with the papers' front end (wav2vec2), and of ours with HF's
 architecture (no shared encoder), against Hugging Face's SpeechEncoderDecoderModel of the same size
 (Wav2Vec2Model + MBartForCausalLM), tiny and base shapes, fp32 and bf16, the same audio and targets.
 generate: beam 5 from audio on those three models, all forced to the same number of tokens, and ours'
 speech encoder alone: the floor under our search's time (the same wav2vec2 arithmetic as HF's encoder).
-mfu: FLOPs of the tiny and base training steps (torch.utils.flop_counter) per second, divided by a
-2048 x 2048 matrix product's FLOP/s measured in the same run and precision (the faster of torch's and
-model.linear's).
+mfu: FLOPs of the tiny and base training steps (torch.utils.flop_counter) per second, divided by
+the FLOP/s of a square matrix product (a @ b; 2048 on a CPU, 8192 on a GPU) measured in the same run
+and precision.
+
+bf16 rows run on a CPU always and on a GPU only where it runs bf16 natively
+(torch.cuda.is_bf16_supported(including_emulation=False)); elsewhere only the fp32 rows.
 """
 from __future__ import annotations
 
@@ -51,10 +48,10 @@ import demo_corpus
 
 @dataclass
 class BenchConfig:
-    only: str = ""                  # run one: data | wav2vec2 | decode | sinkhorn | attention | pos_conv
-                                    # | feature_conv | linear | train_step | precision | hf_step | generate | mfu
-    device: str = "cpu"             # cuda: the rows that compare with Hugging Face (wav2vec2, hf_step,
-                                    # generate) and mfu on a GPU, bf16, larger batches; the rest are CPU rows
+    only: str = ""                  # run one: data | wav2vec2 | decode | sinkhorn | train_step | precision
+                                    # | hf_step | generate | mfu
+    device: str = "cpu"             # cuda: the rows in GPU_ROWS on a GPU (larger batches there); the
+                                    # others (data, sinkhorn, precision) measure CPU code and are skipped
     data: str = ""                  # an en-XX folder; default: a fresh demo corpus
     segments: int = 2000            # size of that fresh demo corpus (train split)
     max_seconds: float = 60.0       # padded audio per batch, as the CPU demo trains
@@ -105,6 +102,21 @@ def _sync():
 
 def _where() -> str:
     return torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
+
+
+def _precisions() -> tuple:
+    """bf16 for each row group to run: fp32, and bf16 autocast on a CPU or on a GPU that runs bf16 natively
+    (V100s and T4s only emulate it; train.py gives them fp16 with a GradScaler, not timed here)."""
+    native = DEVICE.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
+    return (False, True) if native else (False,)
+
+
+def _train_bf16() -> bool:
+    """train.py's bf16=auto for DEVICE: a GPU's native bf16 (_precisions), a CPU's probe (bf16 if measured faster)."""
+    if DEVICE.type == "cuda":
+        return True in _precisions()
+    import train
+    return train.probe_bf16(torch.get_num_threads())[0]
 
 
 def _time(fn, reps: int) -> float:
@@ -159,24 +171,29 @@ def bench_wav2vec2(cfg: BenchConfig, seconds: float = 4.0, batch: int = 2, reps:
     t_ours, t_hf = _time_interleaved([lambda: step(ours, lambda m: m(audio)[0]),
                                       lambda: step(ref, lambda m: m(audio).last_hidden_state)], reps)
     rows = [("ours: forward + backward", t_ours, t_hf / t_ours), ("HF Wav2Vec2Model: forward + backward", t_hf, 1.0)]
-    _table(f"wav2vec2 base, {batch} x {seconds:.0f} s audio, fp32, {_where()} (higher ratio = faster)",
+    _table(f"wav2vec2 base, {batch} x {seconds:g} s audio, fp32, {_where()} (higher ratio = faster)",
            rows, "s/step")
     return rows
 
 
 def bench_decode(cfg: BenchConfig, batch: int = 16, beam: int = 5, length: int = 30, reps: int = 2) -> list:
+    """generate(use_cache=True) against generate(use_cache=False) from the same encoder states (the text
+    encoder's, tiny preset, fp32); both must write the same tokens."""
     import model
     torch.manual_seed(0)
-    m = model.SpeechTranslator(model.model_config("tiny")).eval()
-    tokens = torch.randint(6, 1000, (batch, 20))
-    lens = torch.full((batch,), 20)
+    m = model.SpeechTranslator(model.model_config("tiny")).eval().to(DEVICE)
+    tokens = torch.randint(6, 1000, (batch, 20), device=DEVICE)
+    lens = torch.full((batch,), 20, device=DEVICE)
     with torch.no_grad():
         enc = m.encode(*m.encode_text(tokens, lens))
-    run = lambda cache: m.generate(enc, lens, 5, beam=beam, max_len_a=0, max_len_b=length, use_cache=cache)
+
+    def run(cache):
+        return m.generate(enc, lens, 5, beam=beam, max_len_a=0, max_len_b=length, use_cache=cache)
     assert run(True) == run(False)
     t_cache, t_full = _time(lambda: run(True), reps), _time(lambda: run(False), reps)
     rows = [("beam search with KV cache", t_cache, t_full / t_cache), ("beam search, full recomputation", t_full, 1.0)]
-    _table(f"decode, tiny preset, {batch} sentences, beam {beam}, up to {length} tokens", rows, "s/batch")
+    _table(f"decode, tiny preset, {batch} sentences, beam {beam}, up to {length} tokens, fp32, {_where()} "
+           f"(ratio = full recomputation's time / this time)", rows, "s/batch")
     return rows
 
 
@@ -187,7 +204,9 @@ def bench_sinkhorn(cfg: BenchConfig, n: int = 4096, k: int = 256, iters: int = 2
     scores = torch.nn.functional.normalize(torch.randn(n, 128, generator=g), dim=-1) @ \
         torch.nn.functional.normalize(torch.randn(k, 128, generator=g), dim=-1).T
     a, b, m = np.full(n, 1 / n), np.full(k, 1 / k), (-scores).double().numpy()
-    pot = lambda method: ot.sinkhorn(a, b, m, 0.05, method=method, numItermax=iters, stopThr=0.0)
+
+    def pot(method):
+        return ot.sinkhorn(a, b, m, 0.05, method=method, numItermax=iters, stopThr=0.0)
     t_pot = _time(lambda: pot("sinkhorn"), reps)
     t_pot_log = _time(lambda: pot("sinkhorn_log"), reps)
     t_sk = _time(lambda: sinkhorn.sinkhorn_knopp(scores, 0.05, iters), reps)
@@ -204,133 +223,10 @@ def bench_sinkhorn(cfg: BenchConfig, n: int = 4096, k: int = 256, iters: int = 2
     return rows
 
 
-def bench_attention(cfg: BenchConfig, reps: int = 20) -> list:
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    torch.manual_seed(0)
-    rows = []
-    for name, (B, H, L, T) in {"encoder self-attention": (26, 4, 30, 30), "decoder cross-attention": (78, 4, 16, 30)}.items():
-        q, k, v = (torch.randn(B, H, n, 64, dtype=torch.bfloat16, requires_grad=True) for n in (L, T, T))
-        mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
-        mask[: B // 2, ..., T // 2:] = False
-
-        def step(backend):
-            with sdpa_kernel(backend):
-                F.scaled_dot_product_attention(q, k, v, attn_mask=mask).float().sum().backward()
-        t_math = _time(lambda: step([SDPBackend.MATH]), reps)
-        t_auto = _time(lambda: step([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]), reps)
-        rows += [(f"{name}: math path", t_math * 1e3, t_auto / t_math), (f"{name}: default kernel", t_auto * 1e3, 1.0)]
-    _table(f"attention, bf16 forward + backward, (B, 4 heads, L, T, 64), {torch.get_num_threads()} threads "
-           f"(higher ratio = faster)", rows, "ms")
-    return rows
-
-
-def bench_pos_conv(cfg: BenchConfig, reps: int = 5) -> list:
-    """wav2vec2's positional convolution, forward + backward: F.conv1d in bf16 against the FFT path
-    (model.GroupedConv1dFFT, fp32) at the tiny preset's and base's shapes; '<- picked' marks what
-    model.fft_pays chooses."""
-    import torch.nn.functional as F
-    import model
-    torch.manual_seed(0)
-    rows = []
-    for name, (B, C, T, K) in {"tiny, 26 x 3 s": (26, 256, 148, 64), "base, 4 x 4 s": (4, 768, 194, 128),
-                               "base, 8 x 3 s": (8, 768, 150, 128), "base, 16 x 8 s": (16, 768, 400, 128)}.items():
-        x, w, b = (torch.randn(*s, requires_grad=True) for s in ((B, C, T), (C, C // 16, K), (C,)))
-        g = torch.randn(B, C, T)
-
-        def step(conv):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                y = conv()
-            y.float().backward(g)
-        direct = lambda: F.conv1d(x, w, b, padding=K // 2, groups=16)[..., :T]
-        fft = lambda: model.GroupedConv1dFFT.apply(x, w, b, 16)
-        t_direct, t_fft = _time_interleaved([lambda: step(direct), lambda: step(fft)], reps)
-        with torch.autocast("cpu", dtype=torch.bfloat16):        # the pick for a bf16 step
-            fft_picked = model.fft_pays(x, w)
-        rows += [(f"{name}: conv1d, bf16{'' if fft_picked else ' <- picked'}", t_direct * 1e3, 1.0),
-                 (f"{name}: FFT (fp32){' <- picked' if fft_picked else ''}", t_fft * 1e3, t_direct / t_fft)]
-    # decoding (no gradient): the module keeps the kernel's spectrum while its weights stay
-    for name, (B, C, T, K) in {"decoding, tiny, 8 x 2-3 s": (8, 256, 130, 64),
-                               "decoding, base, 4 x 2-3 s": (4, 768, 140, 128),
-                               "decoding, base, 1 x 3 s": (1, 768, 150, 128)}.items():
-        x, w, b = torch.randn(B, C, T), torch.randn(C, C // 16, K), torch.randn(C)
-        n = model.spectrum_length(T + K - 1)
-        W = model.kernel_spectrum(w, 16, n).contiguous()
-
-        def run(conv):
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                conv()
-        t_direct, t_fft = _time_interleaved([lambda: run(lambda: F.conv1d(x, w, b, padding=K // 2, groups=16)),
-                                             lambda: run(lambda: model.spectral_conv(x, W, b, n, K))], reps)
-        rows += [(f"{name}: conv1d, bf16", t_direct * 1e3, 1.0),
-                 (f"{name}: FFT, spectrum kept (fp32) <- picked", t_fft * 1e3, t_direct / t_fft)]
-    _table(f"positional convolution (16 groups), forward + backward (decoding: forward), {torch.get_num_threads()} "
-           f"threads (ratio = conv1d's time / this time)", rows, "ms")
-    return rows
-
-
-def bench_feature_conv(cfg: BenchConfig, reps: int = 3) -> list:
-    """wav2vec2's convolutional feature encoder, forward + backward in bf16: F.conv1d on every layer over the
-    padded batch (what Hugging Face, and model.py on a GPU, run) against model.py's bf16 CPU path
-    (StridedConv1dMatmul: matrix products on channels-last frames, the utterances one after another at their
-    own lengths, the first layer's norm folded into its weights)."""
-    import model
-    rows = []
-    for preset in ("tiny", "base"):
-        torch.manual_seed(0)
-        fe = model.Wav2Vec2FeatureEncoder(model.model_config(preset, frontend="wav2vec2").w2v)
-        batch = _audio_batch(*HF_BATCH[preset])
-
-        def step(matmul):
-            model.CPU_MATMUL_CONV = model.CPU_PER_UTTERANCE_CONV = matmul
-            try:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    y = fe(batch.audio, batch.audio_lens)
-                y.float().sum().backward()
-            finally:
-                model.CPU_MATMUL_CONV = model.CPU_PER_UTTERANCE_CONV = True
-        t_conv, t_mm = _time_interleaved([lambda: step(False), lambda: step(True)], reps)
-        n, lo, hi = HF_BATCH[preset]
-        rows += [(f"{preset}, {n} x {lo}-{hi} s: F.conv1d, padded", t_conv * 1e3, 1.0),
-                 (f"{preset}, {n} x {lo}-{hi} s: matrix products, own lengths (ours)", t_mm * 1e3, t_conv / t_mm)]
-    _table(f"wav2vec2 feature encoder (7 convolutions), forward + backward, bf16, {torch.get_num_threads()} threads "
-           f"(ratio = F.conv1d's time / this time)", rows, "ms")
-    return rows
-
-
-def bench_linear(cfg: BenchConfig, reps: int = 9) -> list:
-    """model.linear (oneDNN; without gradients a kept, packed copy of the weight) against F.linear (MKL in
-    fp32, oneDNN in bf16 after autocast's cast of the weight) at the shapes that matter: a wav2vec2 base
-    feed-forward product in training (forward + backward, fp32), a beam-search step's 20 rows through a
-    decoder product and a speech encoder's 537 rows (no gradients; each call its own autocast region, as
-    each beam search is)."""
-    import model
-    rows = []
-    cases = [("fp32, 800 x 768 -> 3072, forward + backward", 800, 768, 3072, False, True),
-             ("fp32, 20 x 512 -> 2048, no gradients (beam search)", 20, 512, 2048, False, False),
-             ("bf16, 20 x 512 -> 2048, no gradients (beam search)", 20, 512, 2048, True, False),
-             ("bf16, 537 x 768 -> 3072, no gradients (speech encoder)", 537, 768, 3072, True, False)]
-    for name, m, k, n, bf16, grad in cases:
-        torch.manual_seed(0)
-        x, w, b = torch.randn(m, k, requires_grad=grad), torch.randn(n, k, requires_grad=True), torch.randn(n, requires_grad=True)
-
-        def call(f):
-            def run():
-                with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    y = f(x, w, b)
-                if grad:
-                    y.sum().backward()
-            return run
-        t_peer, t_ours = _time_interleaved([call(torch.nn.functional.linear), call(model.linear)], reps)
-        rows += [(f"{name}: F.linear", t_peer * 1e3, 1.0), (f"{name}: model.linear (ours)", t_ours * 1e3, t_peer / t_ours)]
-    _table(f"linear layers, {torch.get_num_threads()} threads (ratio = F.linear's time / this time)", rows, "ms")
-    return rows
-
-
-def _tiny_step(activation_dropout=0.0, math_attention=True, stacked=True, bf16=True, rand_dropout=True, invariant=True,
-               seed=0):
+def _tiny_step(activation_dropout=0.0, stacked=True, bf16=True, seed=0):
     """A closure running one optimiser step of the main job's model and objective (const) on a fixed
-    synthetic batch shaped like the demo corpus's (26 utterances of 1.6-3 s, 8-20 pieces)."""
+    synthetic batch shaped like the demo corpus's (26 utterances of 1.6-3 s, 8-20 pieces).
+    stacked=False: the peer that runs one decoder pass per task instead of decode_stacked's one."""
     import train
     import model as M
     torch.manual_seed(seed)
@@ -342,32 +238,23 @@ def _tiny_step(activation_dropout=0.0, math_attention=True, stacked=True, bf16=T
     batch = _audio_batch(26, 1.6, 3.0, seed)
 
     def step():
-        M.BF16_CPU_MATH_ATTENTION, M.CPU_RAND_DROPOUT, M.CPU_THREAD_INVARIANT = math_attention, rand_dropout, invariant
-        try:
-            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, _ = train.objective(cfg, m, batch, ("st", "asr", "mt"), 0, torch.nn.ModuleDict(), {})
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        finally:
-            M.BF16_CPU_MATH_ATTENTION = M.CPU_RAND_DROPOUT = M.CPU_THREAD_INVARIANT = True
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = train.objective(cfg, m, batch, ("st", "asr", "mt"), 0, torch.nn.ModuleDict(), {})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     return step
 
 
 def bench_train_step(cfg: BenchConfig, reps: int = 10) -> list:
-    import train
-    bf16 = DEVICE.type == "cuda" or train.probe_bf16(torch.get_num_threads())[0]   # train.py's choice
-    variants = {"main job's step (all levers)": {},
+    bf16 = _train_bf16()
+    variants = {"main job's step (both levers)": {},
                 "with FFN activation dropout 0.1": dict(activation_dropout=0.1),
                 "with one decoder pass per task": dict(stacked=False),
-                "with torch's dropout (bernoulli_), math path": dict(rand_dropout=False),
-                "with torch's dropout and SDPA kernel": dict(rand_dropout=False, math_attention=False),
-                "with torch's fused LayerNorm, conv (thread-count dependent)": dict(invariant=False),
-                "all five (the first main job's step)": dict(activation_dropout=0.1, math_attention=False,
-                                                             stacked=False, rand_dropout=False, invariant=False)}
+                "both (no lever)": dict(activation_dropout=0.1, stacked=False)}
     times = _time_interleaved([_tiny_step(bf16=bf16, **over) for over in variants.values()], reps)
     rows = [(name, t, t / times[0]) for name, t in zip(variants, times)]
-    _table(f"tiny training step (const, 26 utterances), bf16 {bf16}, {torch.get_num_threads()} threads "
+    _table(f"tiny training step (const, 26 utterances), bf16 {bf16}, {_where()} "
            f"(ratio = this row's time / the first row's)", rows, "s/step")
     return rows
 
@@ -476,7 +363,7 @@ def bench_hf_step(cfg: BenchConfig, reps: int = 3, presets=("tiny", "base")) -> 
         ours, hf = _hf_pair(preset)
         same = _hf_pair(preset, shared_encoder=False)[0]
         batch = _audio_batch(*_hf_batch(preset))
-        for bf16 in (False, True):
+        for bf16 in _precisions():
             step_ours, step_hf = _hf_steps(ours, hf, batch, bf16)
             t_ours, t_same, t_hf = _time_interleaved([step_ours, _hf_steps(same, hf, batch, bf16)[0], step_hf], reps)
             p = "bf16" if bf16 else "fp32"
@@ -491,10 +378,11 @@ def bench_hf_step(cfg: BenchConfig, reps: int = 3, presets=("tiny", "base")) -> 
 
 
 def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int | None = None, presets=("tiny", "base"),
-                   precisions=(False, True)) -> list:
+                   precisions: tuple | None = None) -> list:
     """Beam search from audio (encoder included), both forced to `length` new tokens (end of sentence
     suppressed: HF by min_new_tokens, ours by a -inf logit), so time per sentence compares like with like;
-    in fp32 and under bf16 autocast (as evaluate.py decodes when training picked bf16), for both."""
+    in fp32 and under bf16 autocast (as evaluate.py decodes when training picked bf16), for both.
+    precisions: the bf16 flags to run (default _precisions())."""
     rows = []
     for preset in presets:
         ours, hf = _hf_pair(preset)
@@ -541,7 +429,7 @@ def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int 
                 with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
                     same.encode(*same.encode_speech(batch.audio, batch.audio_lens))
             return run
-        for bf16 in precisions:
+        for bf16 in precisions or _precisions():
             p = "bf16" if bf16 else "fp32"
             n_reps = reps or (9 if preset == "tiny" else 3)      # a tiny search takes 0.1-0.3 s: more rounds, less noise
             t_ours, t_same, t_enc, t_hf = _time_interleaved([searcher(ours, "ours", bf16), searcher(same, "same", bf16),
@@ -557,35 +445,25 @@ def bench_generate(cfg: BenchConfig, length: int = 20, beam: int = 5, reps: int 
 
 
 def _matmul_peak(bf16: bool, n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of an n x n matrix product in this precision: the reachable peak that MFU divides by."""
+    """FLOP/s of an n x n matrix product (a @ b) in this precision: the reachable peak that MFU divides by."""
     dt = torch.bfloat16 if bf16 else torch.float32
     n = 8192 if DEVICE.type == "cuda" else n
     a, b = torch.randn(n, n, dtype=dt, device=DEVICE), torch.randn(n, n, dtype=dt, device=DEVICE)
-    if DEVICE.type == "cpu":          # the faster of torch's product and model.linear's (fp32: oneDNN beats MKL here)
-        import model
-        return 2 * n ** 3 / min(_time(lambda: a @ b, reps), _time(lambda: model.linear(a, b), reps))
     return 2 * n ** 3 / _time(lambda: a @ b, reps)
 
 
 def _count_flops(fn) -> int:
-    """FLOPs of fn() by torch.utils.flop_counter, with model.linear's oneDNN products counted: the counter has
-    no formula for torch.ops.mkldnn's linear, so it counts the same products with F.linear in their place."""
+    """FLOPs of fn() (its matrix products and convolutions, forward and backward) by torch.utils.flop_counter."""
     from torch.utils.flop_counter import FlopCounterMode
-    import model
-    flag, model.CPU_ONEDNN_LINEAR = model.CPU_ONEDNN_LINEAR, False
-    try:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-    finally:
-        model.CPU_ONEDNN_LINEAR = flag
+    with FlopCounterMode(display=False) as counter:
+        fn()
     return counter.get_total_flops()
 
 
 def bench_mfu(cfg: BenchConfig, reps: int = 3, presets=("tiny", "base")) -> list:
     """Model FLOP utilisation: FLOPs of one training step (torch.utils.flop_counter) / its time, divided by
     a matrix product's FLOP/s measured in the same run and precision."""
-    import train
-    bf16 = train.probe_bf16(torch.get_num_threads())[0]
+    bf16 = _train_bf16()
     steps = {}
     if "tiny" in presets:
         steps["tiny (the main job's step: log-mel, const, 26 utterances)"] = _tiny_step(bf16=bf16)
@@ -609,6 +487,12 @@ def bench_mfu(cfg: BenchConfig, reps: int = 3, presets=("tiny", "base")) -> list
     return rows
 
 
+BENCHES = {"data": bench_data, "wav2vec2": bench_wav2vec2, "decode": bench_decode, "sinkhorn": bench_sinkhorn,
+           "train_step": bench_train_step, "precision": bench_precision, "hf_step": bench_hf_step,
+           "generate": bench_generate, "mfu": bench_mfu}
+GPU_ROWS = ("wav2vec2", "decode", "train_step", "hf_step", "generate", "mfu")   # the others measure CPU code
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for k, v in BenchConfig.__dataclass_fields__.items():
@@ -617,14 +501,12 @@ def main():
     torch.set_num_threads(max(1, torch.get_num_threads()))
     global DEVICE
     DEVICE = torch.device(cfg.device)
-    on_gpu = ("wav2vec2", "hf_step", "generate", "mfu")       # the others measure CPU code paths
-    benches = {"data": bench_data, "wav2vec2": bench_wav2vec2, "decode": bench_decode, "sinkhorn": bench_sinkhorn,
-               "attention": bench_attention, "pos_conv": bench_pos_conv,
-               "feature_conv": bench_feature_conv, "linear": bench_linear, "train_step": bench_train_step,
-               "precision": bench_precision,
-               "hf_step": bench_hf_step, "generate": bench_generate, "mfu": bench_mfu}
-    for name, run in benches.items():
-        if cfg.only in ("", name) and (DEVICE.type == "cpu" or name in on_gpu):
+    if cfg.only and cfg.only not in BENCHES:
+        p.error(f"--only={cfg.only}: choose one of {', '.join(BENCHES)}")
+    if cfg.only and DEVICE.type != "cpu" and cfg.only not in GPU_ROWS:
+        p.error(f"--only={cfg.only} measures CPU code; on {cfg.device} choose one of {', '.join(GPU_ROWS)}")
+    for name, run in BENCHES.items():
+        if cfg.only in ("", name) and (DEVICE.type == "cpu" or name in GPU_ROWS):
             run(cfg)
 
 

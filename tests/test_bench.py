@@ -1,5 +1,9 @@
-"""bench.py's rows stay runnable: a smoke run of each new row with one repetition (no timing is asserted)."""
+"""bench.py's rows stay runnable: a smoke run of each row at small shapes with one repetition (no timing is
+asserted), and the properties a comparison rests on (the peer really differs, the FLOPs are counted)."""
 import math
+
+import pytest
+import torch
 
 import bench
 
@@ -8,18 +12,27 @@ def _finite(rows):
     return rows and all(t > 0 and math.isfinite(t) and r > 0 and math.isfinite(r) for _, t, r in rows)
 
 
-def test_attention_train_step_and_precision_rows_run(capsys):
+def test_decode_sinkhorn_and_wav2vec2_rows_run(capsys):
+    """Small shapes: the KV-cache row (which asserts that both searches write the same tokens), Sinkhorn
+    against POT, and wav2vec2 base against Hugging Face's on half a second of audio."""
     cfg = bench.BenchConfig()
-    assert _finite(bench.bench_attention(cfg, reps=1))
-    rows = bench.bench_pos_conv(cfg, reps=1)
-    assert _finite(rows) and len(rows) == 14 and sum("<- picked" in name for name, _, _ in rows) == 7
-    rows = bench.bench_feature_conv(cfg, reps=1)
-    assert _finite(rows) and len(rows) == 4 and rows[0][2] == rows[2][2] == 1.0
-    rows = bench.bench_linear(cfg, reps=1)
-    assert _finite(rows) and len(rows) == 8 and [r for _, _, r in rows[::2]] == [1.0] * 4
+    rows = bench.bench_decode(cfg, batch=2, length=5, reps=1)
+    assert _finite(rows) and len(rows) == 2 and rows[1][2] == 1.0
+    rows = bench.bench_sinkhorn(cfg, n=256, k=32, reps=1)
+    assert _finite(rows) and len(rows) == 6 and rows[2][2] == 1.0
+    rows = bench.bench_wav2vec2(cfg, seconds=0.5, batch=1, reps=1)
+    assert _finite(rows) and len(rows) == 2 and rows[1][2] == 1.0
+    out = capsys.readouterr().out
+    assert "KV cache" in out and "POT" in out and "HF Wav2Vec2Model" in out
+
+
+def test_train_step_and_precision_rows_run(capsys, monkeypatch):
+    cfg = bench.BenchConfig()
     rows = bench.bench_train_step(cfg, reps=1)
-    assert _finite(rows) and len(rows) == 7 and rows[0][2] == 1.0
-    assert _finite(bench.bench_precision(cfg, reps=1))
+    assert _finite(rows) and len(rows) == 4 and rows[0][2] == 1.0
+    monkeypatch.setattr(bench, "HF_BATCH", {**bench.HF_BATCH, "base": (1, 0.5, 1.0)})    # base: one short utterance
+    rows = bench.bench_precision(cfg, reps=1)
+    assert _finite(rows) and len(rows) == 4 and rows[0][2] == rows[2][2] == 1.0
     out = capsys.readouterr().out
     assert "tiny training step" in out and "bf16=auto picks" in out
 
@@ -45,41 +58,21 @@ def test_the_peer_step_really_differs():
         M.SpeechTranslator.decode = real
 
 
-def test_the_bernoulli_peer_really_uses_torchs_dropout(monkeypatch):
-    """The "torch's dropout" peer goes through F.dropout (bernoulli_); the main job's step never does."""
-    import torch.nn.functional as F
-    real, calls = F.dropout, {"n": 0}
+def test_the_activation_dropout_peer_really_drops(monkeypatch):
+    """The 'FFN activation dropout 0.1' peer trains with dropout 0.1 inside every FFN; the main job's step
+    (the default) with none there."""
+    import model as M
+    seen = set()
+    real = M.FeedForward.forward
 
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-    monkeypatch.setattr(F, "dropout", counting)
-    bench._tiny_step(bf16=False)()
-    assert calls["n"] == 0
-    bench._tiny_step(bf16=False, rand_dropout=False)()
-    assert calls["n"] > 0
-
-
-def test_the_fused_peer_really_uses_torchs_layer_norm_and_conv(monkeypatch):
-    """The "fused LayerNorm, conv" peer goes through nn.LayerNorm's and nn.Conv1d's own forward; the main
-    job's step (thread-count invariant) through model.LayerNorm's and model.Conv1d's spelled-out ones."""
-    import torch.nn as nn
-    calls = {"ln": 0, "conv": 0}
-    real_ln, real_conv = nn.LayerNorm.forward, nn.Conv1d.forward
-
-    def ln(self, x):
-        calls["ln"] += 1
-        return real_ln(self, x)
-
-    def conv(self, x):
-        calls["conv"] += 1
-        return real_conv(self, x)
-    monkeypatch.setattr(nn.LayerNorm, "forward", ln)
-    monkeypatch.setattr(nn.Conv1d, "forward", conv)
-    bench._tiny_step(bf16=False)()
-    assert calls == {"ln": 0, "conv": 0}
-    bench._tiny_step(bf16=False, invariant=False)()
-    assert calls["ln"] > 0 and calls["conv"] > 0
+    def spy(self, x):
+        seen.add((self.training, self.activation_dropout.p))
+        return real(self, x)
+    monkeypatch.setattr(M.FeedForward, "forward", spy)
+    for over, p in (({}, 0.0), ({"activation_dropout": 0.1}, 0.1)):
+        seen.clear()
+        bench._tiny_step(bf16=False, **over)()
+        assert seen == {(True, p)}
 
 
 def test_hugging_face_and_mfu_rows_run(capsys):
@@ -95,6 +88,7 @@ def test_hugging_face_and_mfu_rows_run(capsys):
     assert not same.encoder_layers and 0.9 < sum(p.numel() for p in same.parameters()) / n_hf < 1.1
     rows = bench.bench_hf_step(cfg, reps=1, presets=("tiny",))
     assert _finite(rows) and len(rows) == 6
+    assert [name.split(":")[0] for name, _, _ in rows] == ["tiny fp32"] * 3 + ["tiny bf16"] * 3
     rows = bench.bench_generate(cfg, length=4, reps=1, presets=("tiny",))
     assert _finite(rows) and len(rows) == 8 and all("4 tokens" in name for name, _, _ in rows if "alone" not in name)
     assert rows[2][2] < rows[1][2] and rows[6][2] < rows[5][2]   # the encoder alone: less than the search it starts
@@ -105,65 +99,48 @@ def test_hugging_face_and_mfu_rows_run(capsys):
     assert "against Hugging Face" in out and "model FLOP utilisation" in out
 
 
-def test_the_feature_conv_peer_really_runs_f_conv1d(monkeypatch):
-    """The F.conv1d peer of --only feature_conv runs torch's convolution on every layer; ours none (matrix
-    products), and the flags are restored."""
-    import torch.nn.functional as F
-    import model as M
-    real, calls = F.conv1d, {"n": 0}
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-    monkeypatch.setattr(F, "conv1d", counting)
-    monkeypatch.setattr(bench, "HF_BATCH", {"tiny": (2, 0.5, 1.0), "base": (1, 0.5, 0.6)})
-    seen = []
-
-    def once(fns, reps):
-        for f in fns:
-            calls["n"] = 0
-            f()
-            seen.append(calls["n"])
-        return [1.0] * len(fns)
-    monkeypatch.setattr(bench, "_time_interleaved", once)
-    bench.bench_feature_conv(bench.BenchConfig())
-    assert seen[0] >= 7 and seen[2] >= 7 and seen[1] == seen[3] == 0 and M.CPU_MATMUL_CONV is True
-    assert M.CPU_PER_UTTERANCE_CONV is True
-
-
-def test_the_linear_peer_is_torchs_and_ours_goes_through_onednn(monkeypatch):
-    """--only linear: the peer calls F.linear and never oneDNN's linear op; ours calls that op in every case."""
-    import torch.nn.functional as F
-    import model as M
-    real_mm, real_f, seen, calls = M._onednn_mm, F.linear, [], {"op": 0, "f": 0}
-
-    def counting(real, key):
-        def f(*a, **k):
-            calls[key] += 1
-            return real(*a, **k)
-        return f
-    monkeypatch.setattr(M, "_onednn_mm", counting(real_mm, "op"))
-    monkeypatch.setattr(F, "linear", counting(real_f, "f"))
-
-    def once(fns, reps):
-        for f in fns:
-            calls.update(op=0, f=0)
-            f()
-            seen.append(dict(calls))
-        return [1.0] * len(fns)
-    monkeypatch.setattr(bench, "_time_interleaved", once)
-    bench.bench_linear(bench.BenchConfig())
-    assert len(seen) == 8
-    assert all(p["f"] >= 1 and p["op"] == 0 for p in seen[::2]) and all(o["op"] >= 1 for o in seen[1::2])
-
-
-def test_flops_of_onednn_products_are_counted():
-    """torch's FLOP counter has no formula for oneDNN's linear op: bench._count_flops still counts model.linear's
-    products (fp32 with gradients, and without: the packed path), 2 M K N each, and leaves the flag as it was."""
-    import torch
-    import model as M
-    x, w = torch.randn(30, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
-    assert bench._count_flops(lambda: M.linear(x, w).sum().backward()) == 3 * 2 * 30 * 16 * 8
+def test_flops_of_a_linear_layer_are_counted():
+    """bench._count_flops (torch.utils.flop_counter) counts a plain nn.Linear's products: 2 M K N forward,
+    and twice that again backward (the input's and the weight's gradients)."""
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(16, 8), torch.randn(30, 16, requires_grad=True)
+    assert bench._count_flops(lambda: layer(x).sum().backward()) == 3 * 2 * 30 * 16 * 8
     with torch.no_grad():
-        assert bench._count_flops(lambda: M.linear(x, w)) == 2 * 30 * 16 * 8
-    assert M.CPU_ONEDNN_LINEAR is True
+        assert bench._count_flops(lambda: layer(x)) == 2 * 30 * 16 * 8
+
+
+def test_the_matmul_peak_is_positive_and_finite():
+    for bf16 in (False, True):
+        peak = bench._matmul_peak(bf16, n=256, reps=1)
+        assert 0 < peak < math.inf
+
+
+def test_bf16_rows_only_where_the_gpu_runs_it_natively(monkeypatch):
+    """On a CPU both precisions run; on a GPU without native bf16 only fp32 (and train_step/mfu take fp32)."""
+    assert bench._precisions() == (False, True)
+    monkeypatch.setattr(bench, "DEVICE", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert bench._precisions() == (False,) and bench._train_bf16() is False
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert bench._precisions() == (False, True) and bench._train_bf16() is True
+
+
+def test_only_runs_one_row_and_rejects_removed_ones(monkeypatch):
+    """--only ROW runs that row alone; a row that no longer exists (--only linear) is an error, not a silent
+    no-op; on a GPU, a CPU row is refused and a GPU row runs."""
+    ran = []
+    monkeypatch.setattr(bench, "DEVICE", bench.DEVICE)           # main() sets it: restored afterwards
+    monkeypatch.setattr(bench, "BENCHES", {name: (lambda cfg, name=name: ran.append((name, cfg.device)))
+                                           for name in bench.BENCHES})
+    for argv, expect in ((["--only=sinkhorn"], [("sinkhorn", "cpu")]),
+                         (["--only=hf_step", "--device=cuda"], [("hf_step", "cuda")]),
+                         ([], [(name, "cpu") for name in bench.BENCHES]),
+                         (["--device=cuda"], [(name, "cuda") for name in bench.GPU_ROWS])):
+        ran.clear()
+        monkeypatch.setattr("sys.argv", ["bench.py", *argv])
+        bench.main()
+        assert ran == expect, argv
+    for argv in (["--only=linear"], ["--only=attention"], ["--only=precision", "--device=cuda"]):
+        monkeypatch.setattr("sys.argv", ["bench.py", *argv])
+        with pytest.raises(SystemExit):
+            bench.main()
