@@ -167,27 +167,29 @@ def conv_out_lengths(lens: torch.Tensor, kernels, strides) -> torch.Tensor:
     return lens
 
 
-def normalize_over_time(x: torch.Tensor, pad_mask: torch.Tensor, eps: float) -> torch.Tensor:
-    """(x - mu) / sqrt(sigma^2 + eps), mu and sigma^2 per utterance and channel over its valid frames only,
-    in fp32. x (B, C, T), pad_mask (B, T) True on padding -> (B, C, T) fp32, 0 on padding."""
+def centre_over_time(x: torch.Tensor, pad_mask: torch.Tensor) -> tuple:
+    """(x - mu, sigma^2), per utterance and channel over its valid frames only, in fp32 (sums over time as
+    products with the valid-frame indicator). x (B, C, T), pad_mask (B, T) True on padding -> (B, C, T), (B, C, 1)."""
     with torch.autocast(x.device.type, enabled=False):
-        x, valid = x.float(), (~pad_mask)[:, None].float()              # valid (B, 1, T)
-        n = valid.sum(-1, keepdim=True)
-        mean = (x * valid).sum(-1, keepdim=True) / n
-        var = ((x - mean) * valid).pow(2).sum(-1, keepdim=True) / n
-        return (x - mean) * torch.rsqrt(var + eps) * valid
+        valid = (~pad_mask)[:, :, None].float()                         # (B, T, 1)
+        n = valid.sum(1, keepdim=True)
+        centred = x.float() - (x.float() @ valid) / n
+        return centred, (centred.square() @ valid) / n
 
 
 def masked_group_norm(x: torch.Tensor, norm: nn.GroupNorm, pad_mask: torch.Tensor | None) -> torch.Tensor:
-    """wav2vec2's first-layer GroupNorm (one group per channel: a norm over time), y = gamma x_hat + beta,
-    with the statistics of x_hat over valid frames only (normalize_over_time). Without padding this is
+    """wav2vec2's first-layer GroupNorm (one group per channel: a norm over time),
+        y = gamma (x - mu) / sqrt(sigma^2 + eps) + beta,
+    with mu and sigma^2 over each utterance's valid frames only (centre_over_time). Without padding this is
     nn.GroupNorm; with padding, a padded batch item equals its unpadded run (Hugging Face and fairseq
     include the padding in the statistics, so their outputs depend on what else is in the batch).
-    x (B, C, T), pad_mask (B, T) True on padding -> (B, C, T) fp32 (as nn.GroupNorm under autocast)."""
+    x (B, C, T), pad_mask (B, T) -> (B, C, T) fp32 (as nn.GroupNorm under autocast); padded frames hold
+    anything: no valid frame of the next convolution reads them."""
     assert norm.num_groups == norm.num_channels, "wav2vec2 normalises each channel on its own"
     if pad_mask is None:
         return norm(x)
-    return normalize_over_time(x, pad_mask, norm.eps) * norm.weight[:, None] + norm.bias[:, None]
+    centred, var = centre_over_time(x, pad_mask)
+    return torch.addcmul(norm.bias[:, None], centred, norm.weight[:, None] * torch.rsqrt(var + norm.eps))
 
 
 class Wav2Vec2ConvLayer(nn.Module):
@@ -195,8 +197,8 @@ class Wav2Vec2ConvLayer(nn.Module):
 
     def __init__(self, cfg: Wav2Vec2Config, i: int):
         super().__init__()
-        c_in = cfg.conv_dim[i - 1] if i > 0 else 1
-        self.conv = nn.Conv1d(c_in, cfg.conv_dim[i], cfg.conv_kernel[i], cfg.conv_stride[i], bias=cfg.conv_bias)
+        self.conv = nn.Conv1d(cfg.conv_dim[i - 1] if i else 1, cfg.conv_dim[i], cfg.conv_kernel[i], cfg.conv_stride[i],
+                              bias=cfg.conv_bias)
         if i == 0:
             self.layer_norm = nn.GroupNorm(cfg.conv_dim[0], cfg.conv_dim[0], affine=True)
 
@@ -245,9 +247,8 @@ class Wav2Vec2PositionalConvEmbedding(nn.Module):
         conv = nn.Conv1d(cfg.hidden_size, cfg.hidden_size, k, padding=k // 2, groups=cfg.num_conv_pos_embedding_groups)
         self.conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x.transpose(1, 2))[..., :x.shape[1]]    # an even kernel yields one frame too many: drop it
-        return F.gelu(y).transpose(1, 2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:       # an even kernel yields one frame too many: dropped
+        return F.gelu(self.conv(x.transpose(1, 2))[..., :x.shape[1]]).transpose(1, 2)
 
 
 class Wav2Vec2FeedForward(nn.Module):
@@ -337,8 +338,7 @@ class Wav2Vec2Model(nn.Module):
             p.requires_grad_(False)
 
     def forward(self, audio: torch.Tensor, lens: torch.Tensor | None = None) -> tuple:
-        if lens is None:
-            lens = torch.full((audio.shape[0],), audio.shape[1], dtype=torch.long, device=audio.device)
+        lens = torch.full((len(audio),), audio.shape[1], device=audio.device) if lens is None else lens
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.feature_grad_mult > 0):   # 0: frozen
             feats = self.feature_extractor(audio, lens)
         if self.cfg.feature_grad_mult not in (0.0, 1.0):
@@ -515,7 +515,9 @@ class LogMelFrontend(nn.Module):
                               return_complex=True).abs().pow(2)  # (B, F, T)
             x = torch.log(torch.einsum("bft,fm->bmt", spec, self.fbank) + 1e-6)
             frames = (torch.div(lens - self.n_fft, self.hop, rounding_mode="floor") + 1).clamp(min=1)
-            x = normalize_over_time(x, lengths_to_padding_mask(frames, x.shape[-1]), 1e-5)
+            pad_mask = lengths_to_padding_mask(frames, x.shape[-1])
+            centred, var = centre_over_time(x, pad_mask)
+            x = (centred * torch.rsqrt(var + 1e-5)).masked_fill(pad_mask[:, None], 0.0)
         return F.gelu(self.conv(x)).transpose(1, 2), self.output_lengths(lens)
 
 
@@ -603,10 +605,9 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class Outputs:
-    """Everything a loss may need from one forward pass. Shapes: low-level (B, T, D) states are
-    the shared encoder's inputs, high-level ones its outputs; logits[task] (B, L, V) predict
-    targets[task] (B, L), whose position 0 is the language tag. speech_subsampled (B, T, D) is the
-    length adaptor's output before sqrt(d), positions and dropout: the CTC head's input (`ctc_states`)."""
+    """Everything a loss may need from one forward pass. Low-level (B, T, D) states are the shared encoder's
+    inputs, high-level ones its outputs; logits[task] (B, L, V) predict targets[task] (B, L) (position 0: the
+    language tag); speech_subsampled (B, T, D): the length adaptor's output, the CTC head's (`ctc_states`)."""
     speech_subsampled: torch.Tensor | None = None
     speech_low: torch.Tensor | None = None
     speech_high: torch.Tensor | None = None
@@ -755,9 +756,8 @@ class SpeechTranslator(nn.Module):
     # ------------------------------------------------------------------------------------------
     @staticmethod
     def _reorder(cache: list, order: torch.Tensor):
-        """Follow the surviving beams: `order` picks rows of the same sentence only, and all beams of a
-        sentence share its encoder states, so the cross-attention keys and values stay as they are (copying
-        them was a quarter of a tiny beam search)."""
+        """Follow the surviving beams: `order` picks rows of the same sentence only, and a sentence's beams
+        share its encoder states, so the cross-attention keys and values stay as they are (no copies)."""
         for layer in cache:
             for k in layer["self"]:
                 layer["self"][k] = layer["self"][k].index_select(0, order)
