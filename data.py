@@ -300,7 +300,7 @@ def lengths_to_padding_mask(lens: torch.Tensor, max_len: int | None = None) -> t
 
 def pad_sequences(seqs: list, value) -> tuple:
     """List of 1-D sequences -> ((B, L) padded tensor, (B,) lengths)."""
-    seqs = [torch.as_tensor(s) for s in seqs]
+    seqs = [s if torch.is_tensor(s) else torch.as_tensor(s, device="cpu") for s in seqs]   # lists, arrays: host
     lens = torch.tensor([len(s) for s in seqs], dtype=torch.long, device=seqs[0].device if seqs else "cpu")
     return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value), lens
 

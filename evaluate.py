@@ -38,7 +38,7 @@ def decode(model: M.SpeechTranslator, ds: data.MustcSplit, vocab: data.Vocab, ta
     # so they are cast once per decode() instead of once per batch (95M numbers for a base wav2vec2)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
         for group in sampler.batches(0):
-            items = [{"id": "", "audio": ds.read_audio(indices[j]) if speech else torch.zeros(0),
+            items = [{"id": "", "audio": ds.read_audio(indices[j]) if speech else torch.zeros(0, device="cpu"),
                       "src": ds.src_ids[indices[j]], "tgt": ds.tgt_ids[indices[j]]} for j in group]
             b = data.collate(items).to(device)
             low, lens = model.encode_speech(b.audio, b.audio_lens) if speech else model.encode_text(b.src, b.src_lens)
