@@ -729,7 +729,9 @@ def train(cfg: TrainConfig, bar=None) -> dict:
             record = {"step": step, **{k: round(sum(r.get(k, 0.0) for r in rows) / len(rows), 4) for k in dict.fromkeys(k for r in rows for k in r)},
                       "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 3),
                       "utt_per_s": round(utts * world / seconds, 1), "tok_per_s": round(toks * world / seconds),
-                      "minutes": round((time.time() - t_start) / 60, 2)}
+                      "minutes": round((time.time() - t_start) / 60, 2),
+                      **({"peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)} if device.type == "cuda"
+                         else {})}
             bar.write(" ".join(f"{k} {v}" for k, v in record.items())) if main_proc else None
             if log_file:
                 log_file.write(json.dumps(record) + "\n")

@@ -208,3 +208,47 @@ def test_a_training_step_waits_for_the_device_at_most_twice(tiny_corpus, tmp_pat
     few, many = count(2), count(6)
     per_step = {k: (many[k] - few[k]) / 4 for k in many | few}
     assert sum(per_step.values()) <= 2, per_step
+
+
+# ------------------------------------------------------------------------------------------------
+# precision: bf16 where a GPU runs it natively, else fp16 with loss scaling
+# ------------------------------------------------------------------------------------------------
+def test_precision_takes_bf16_only_on_gpus_that_run_it_and_fp16_with_a_scaler_elsewhere(tiny_corpus, tmp_path,
+                                                                                        monkeypatch):
+    cfg, cuda = config(tiny_corpus, tmp_path, bf16="auto"), torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert train.precision(cfg, cuda)[0] == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert train.precision(cfg, cuda)[0] == torch.float16                      # a V100 or T4: emulated bf16 only
+    assert train.precision(config(tiny_corpus, tmp_path, bf16="true"), cuda)[0] == torch.bfloat16   # asked for
+    assert train.precision(config(tiny_corpus, tmp_path, bf16="false"), cuda)[0] is None
+
+
+def test_fp16_with_loss_scaling_trains_skips_an_overflow_and_resumes_exactly(tiny_corpus, tmp_path, monkeypatch):
+    """The fp16 path (GradScaler) on a CPU: an overflowing step is skipped and lowers the scale, the scale is
+    saved with the checkpoint, and a resumed run continues exactly."""
+    monkeypatch.setattr(train, "precision", lambda cfg, device: (torch.float16, "test"))
+    real, calls = train.objective, []
+
+    def overflow_once(*a, **k):
+        calls.append(1)
+        loss, terms = real(*a, **k)
+        return (loss * float("inf"), terms) if len(calls) == 2 else (loss, terms)
+    monkeypatch.setattr(train, "objective", overflow_once)
+    whole = train.train(config(tiny_corpus, tmp_path / "a", max_steps=4))
+    scale = M.load_checkpoint(tmp_path / "a" / "last.pt")["scaler"]["scale"]
+    assert whole["skipped"] == 1 and whole["step"] == 4 and scale == 2.0 ** 16 / 2     # halved once, not grown yet
+    calls.clear()
+    first = train.train(config(tiny_corpus, tmp_path / "b", max_steps=2))
+    second = train.train(config(tiny_corpus, tmp_path / "b", max_steps=4, resume=True))
+    assert first["history"] + second["history"] == whole["history"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (.ci/gpu_check runs it)")
+def test_on_cuda_a_short_run_trains_decodes_and_evaluates(tiny_corpus, tmp_path):
+    """The main job's recipe for a few steps on the GPU in its precision, then the final evaluation."""
+    result = train.train(config(tiny_corpus, tmp_path, "const", device="cuda", bf16="auto", max_steps=6))
+    assert result["step"] == 6 and result["skipped"] == 0
+    summary = evaluate.main(["--ckpt", result["last"], "--beam", "3", "--quiet", "--no_plots"])
+    assert {"st_bleu", "mt_bleu", "asr_wer", "retrieval"} <= set(summary)
