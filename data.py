@@ -4,7 +4,8 @@ Read top to bottom (the demo corpus that it reads by default is written by demo_
   1. the MuST-C reader: YAML + text lines + lazily read wav segments, with clear errors
   2. the joint SentencePiece vocabulary with language tags
   3. Batch, collate, and the length-bucketed sampler (exact resume, DDP shards)
-  4. input-side hard examples: span-masked audio and word repetition (ConST §3.3, METHODS §1.6)
+  4. input-side hard examples: span-masked audio and word repetition (ConST §3.3; docs/methods.md,
+     "ConST: hard examples")
   5. the command line: `python data.py stats --data DIR`
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import soundfile as sf
 import torch
 
 SAMPLE_RATE = 16_000
-# fairseq's special-id layout, which ConST's vocabulary follows (METHODS §1.2)
+# fairseq's special-id layout, which ConST's vocabulary follows (docs/methods.md, "Data: MuST-C layout and vocabulary")
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 LANG_TAGS = ("<lang:en>", "<lang:de>")
 SPLITS = ("train", "dev", "tst-COMMON")    # MuST-C's splits that every run needs (tst-HE is optional)
@@ -220,7 +221,7 @@ class MustcSplit(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. The joint SentencePiece vocabulary (METHODS §1.2): one dictionary for every text side
+# 2. The joint SentencePiece vocabulary: one dictionary for every text side
 # ----------------------------------------------------------------------------------------------
 class Vocab:
     """SentencePiece model with fairseq's special ids and `<lang:xx>` tags as whole pieces."""
@@ -395,7 +396,7 @@ def make_loader(dataset: MustcSplit, sampler: BucketBatchSampler, num_workers: i
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Input-side hard examples (ConST §3.3, METHODS §1.6)
+# 4. Input-side hard examples (ConST §3.3)
 # ----------------------------------------------------------------------------------------------
 def span_mask_audio(audio: torch.Tensor, lens: torch.Tensor, p: float = 0.25, span: int = 3600, min_masks: int = 2,
                     generator: torch.Generator | None = None) -> tuple:

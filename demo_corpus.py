@@ -6,7 +6,8 @@ A dataset generator, like nanoGPT's data/*/prepare.py: it writes files and nothi
 train.py (to build the corpus on first run), the tutorials and the tests. Read top to bottom:
   1. text: a seeded English grammar with its German translation
   2. speech: eSpeak NG through ctypes, one voice per talk
-  3. the writer, in MuST-C v1.0 layout (METHODS §1.2), so that data.py's one reader serves demo and real data
+  3. the writer, in MuST-C v1.0 layout (docs/methods.md, "Data: MuST-C layout and vocabulary"), so that
+     data.py's one reader serves demo and real data
   4. the command line
 """
 from __future__ import annotations

@@ -10,7 +10,8 @@ Read top to bottom:
      encoder's outputs)
 
 Every loss returns a SUM (over tokens, or over sentences) as the official ConST code does; train.py
-divides the whole weighted sum by the number of ST target tokens (METHODS §1.4), so the papers'
+divides the whole weighted sum by the number of ST target tokens (docs/methods.md, "Objective: the
+weighted sum in train.objective"), so the papers'
 weights carry over unchanged. S-Align's adversarial losses are the exception: a MEAN over the rows
 the discriminator scores, as the official S-Align code reduces them; train.py weighs them (and
 H-Align) against our cross-entropy as that code does (`adversarial_weights` has the derivation).
@@ -35,7 +36,8 @@ from model import lengths_to_padding_mask, masked_mean
 def label_smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, eps: float = 0.1,
                                  ignore_prefix: int = 1) -> tuple:
     """fairseq's label smoothing: (1 - eps) * nll + (eps / V) * sum_v(-log p_v), summed over non-pad
-    tokens. The first `ignore_prefix` positions (the language tag) carry no loss (METHODS §1.4).
+    tokens. The first `ignore_prefix` positions (the language tag) carry no loss (docs/methods.md,
+    "Objective: ConST Eq. 1").
 
     logits (B, L, V), target (B, L) -> (loss sum, nll sum, number of scored tokens)."""
     logits, target = logits[:, ignore_prefix:], target[:, ignore_prefix:]
@@ -64,7 +66,8 @@ def ctc_loss(states: torch.Tensor, lens: torch.Tensor, embed_weight: torch.Tenso
 # 2. ConST: contrastive loss, hard examples, L2
 # ----------------------------------------------------------------------------------------------
 def contrastive_loss(u: torch.Tensor, v: torch.Tensor, tau: float = 0.02, symmetric: bool = False) -> torch.Tensor:
-    """ConST's multi-class N-pair loss (Eq. 2-4, METHODS §1.5), summed over the batch:
+    """ConST's multi-class N-pair loss (Eq. 2-4; docs/methods.md, "ConST: the contrastive loss"),
+    summed over the batch:
         S[i, j] = cos(u_i, v_j) / tau,   L = sum_i -log softmax_j(S[i, :])[i]
     u (B, D) pooled speech, v (B, D) pooled transcripts (model.masked_mean); the other transcripts
     of the batch are the negatives. Speech->text only, as the released code; `symmetric` adds the
@@ -82,7 +85,8 @@ def contrastive_loss(u: torch.Tensor, v: torch.Tensor, tau: float = 0.02, symmet
 def sequence_cutoff(x: torch.Tensor, lens: torch.Tensor, rate: float = 0.1) -> torch.Tensor:
     """ConST's sequence cut-off (SCut, §3.3, rate 0.1 in App. B): zero round(rate * T_i) random valid
     time rows of each utterance; no rescaling. Pool the result over the ORIGINAL lengths, so the
-    zeroed rows count in the mean (METHODS §1.6). x (B, T, D), lens (B,) -> (B, T, D)."""
+    zeroed rows count in the mean (docs/methods.md, "ConST: hard examples"). x (B, T, D), lens (B,)
+    -> (B, T, D)."""
     valid = ~lengths_to_padding_mask(lens, x.shape[1])
     keys = torch.rand(valid.shape, device=x.device).masked_fill(~valid, 2.0)   # padding ranks last
     rank = keys.argsort(1).argsort(1)
@@ -108,10 +112,11 @@ def l2_alignment_loss(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 # 3. S-Align: modality discriminator, adversarial losses, mix-up and noise; H-Align
 # ----------------------------------------------------------------------------------------------
 class ModalityDiscriminator(nn.Module):
-    """S-Align's modal network (METHODS §2.3, the official `TaskNetwork`): a residual MLP on every
+    """S-Align's modal network (the official `TaskNetwork`; docs/methods.md, "S-Align: the modality
+    discriminator"): a residual MLP on every
     position of the shared encoder's output, a masked mean over time, one logit per sentence.
     Convention: speech = 0, text = 1. (The official code averages speech over padding too, an
-    artefact of its disabled speech mask; we mask both modalities, METHODS §2.8.)
+    artefact of its disabled speech mask; we mask both modalities: docs/methods.md, "Differences: S-Align".)
 
     z (B, T, D), lens (B,) -> logits (B, 1)."""
 
@@ -149,15 +154,16 @@ def stack_rows(*parts: tuple) -> tuple:
 
 def discriminator_loss(disc: ModalityDiscriminator, z: torch.Tensor, lens: torch.Tensor, target: torch.Tensor,
                        weight: torch.Tensor) -> torch.Tensor:
-    """L_D = mean_i w_i BCE(D(sg(z_i)), y_i) over the 2B rows (B speech, B text; `stack_rows`), METHODS
-    §2.4: the features are detached, so this term trains the discriminator only. y: speech 0, text 1,
-    mixed r, noised text 1 - rho."""
+    """L_D = mean_i w_i BCE(D(sg(z_i)), y_i) over the 2B rows (B speech, B text; `stack_rows`;
+    docs/methods.md, "S-Align: the adversarial losses"): the features are detached, so this term
+    trains the discriminator only. y: speech 0, text 1, mixed r, noised text 1 - rho."""
     return modality_bce(disc(z.detach(), lens), target, weight)
 
 
 def generator_loss(disc: ModalityDiscriminator, z: torch.Tensor, lens: torch.Tensor, weight: torch.Tensor,
                    target: float = 0.5) -> torch.Tensor:
-    """L_G = mean_i w_i BCE(D_frozen(z_i), 0.5) over the 2B rows (METHODS §2.4): the encoders are
+    """L_G = mean_i w_i BCE(D_frozen(z_i), 0.5) over the 2B rows (docs/methods.md, "S-Align: the
+    adversarial losses"): the encoders are
     pushed to make D maximally unsure for both modalities (a confusion target, not flipped labels).
     D runs with detached copies of its weights, so this term trains the encoders only. At D's
     equilibrium (logit 0) it equals mean(w) * ln 2 and its gradient is 0."""
@@ -174,7 +180,8 @@ SALIGN_ST_CE_WEIGHT = 0.7
 def adversarial_weights(step: int, total_steps: int, scale: float = 4.0, d_extra: float = 1.5,
                         decay_start: float = 0.5, decay_end: float = 0.9, gen_warmup: float = 0.02) -> tuple:
     """(weight of L_D, weight of L_G) at `step` in the official code's units: (1.5 a, a). The official
-    schedule (METHODS §2.4), written as fractions of its 50k updates: a = scale * min(1, (45k - step) / 20k),
+    schedule (docs/methods.md, "S-Align: weight schedule and scale"), written as fractions of its 50k
+    updates: a = scale * min(1, (45k - step) / 20k),
     constant 4.0 up to 25k, linear decay to 0 at 45k; L_D gets an extra x1.5; L_G is off for the first
     1k updates.
 
@@ -226,7 +233,8 @@ def grl_lambda(progress: float) -> float:
 def length_proportional_alignment(speech_lens: torch.Tensor, text_lens: torch.Tensor, T: int) -> torch.Tensor:
     """For each speech frame t < T_i, the transcript position 1 + floor(t * n_i / T_i) of its word
     pieces (n_i = text length without `<lang:en>` and `</s>`): the approximate alignment of the
-    length-proportional mix-up (METHODS §2.8 (b)). -> (B, T) indices into the transcript."""
+    length-proportional mix-up (docs/methods.md, "S-Align: mix-up and text noise"). -> (B, T) indices
+    into the transcript."""
     t = torch.arange(T, device=speech_lens.device)[None]
     n = (text_lens - 2).clamp(min=1)[:, None]
     return 1 + torch.div(t * n, speech_lens.clamp(min=1)[:, None], rounding_mode="floor").clamp(max=n - 1)
@@ -234,7 +242,8 @@ def length_proportional_alignment(speech_lens: torch.Tensor, text_lens: torch.Te
 
 def modality_mixup(speech: torch.Tensor, speech_lens: torch.Tensor, text_frames: torch.Tensor,
                    ratio: torch.Tensor) -> tuple:
-    """S-Align's continuous prediction space (METHODS §2.5): each valid speech position of sentence i
+    """S-Align's continuous prediction space (docs/methods.md, "S-Align: mix-up and text noise"): each
+    valid speech position of sentence i
     is replaced, with probability r_i, by the text frame aligned to it; the discriminator's target
     for the mixed sentence is r_i, the fraction of text in it.
 
@@ -246,11 +255,12 @@ def modality_mixup(speech: torch.Tensor, speech_lens: torch.Tensor, text_frames:
 
 def blank_noise(src: torch.Tensor, src_lens: torch.Tensor, punctuation: torch.Tensor, word_initial: torch.Tensor,
                 p: float = 0.2, rho_max: float = 0.3, blank: int = BOS_ID) -> tuple:
-    """S-Align's text noise (METHODS §2.5), which makes a transcript look like CTC-shrunk speech:
+    """S-Align's text noise (docs/methods.md, "S-Align: mix-up and text noise"), which makes a
+    transcript look like CTC-shrunk speech:
     every punctuation piece becomes the blank `<s>`; with probability p, rho ~ U(0, rho_max) and
     round(n * rho) more blanks go in before random word-initial pieces (n = word pieces, tags and
     </s> excluded). The discriminator's target is 1 - rho whenever insertion fires, even if round(n * rho)
-    is 0, and 1 when it does not (METHODS §2.10.8).
+    is 0, and 1 when it does not.
 
     src (B, L) `<lang:en> x </s>`, src_lens (B,), punctuation / word_initial (V,) bool lookup tables
     -> (noised (B, L'), lengths (B,), target (B,), inserted (B,))."""
@@ -285,7 +295,8 @@ def blank_noise(src: torch.Tensor, src_lens: torch.Tensor, punctuation: torch.Te
 
 def hard_alignment_loss(speech_high: torch.Tensor, speech_lens: torch.Tensor, text_high: torch.Tensor,
                         text_lens: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
-    """H-Align as S-Align's code runs it (METHODS §2.6): ConST's N-pair loss (Eq. 4) on the masked
+    """H-Align as S-Align's code runs it (docs/methods.md, "S-Align: H-Align"): ConST's N-pair loss
+    (Eq. 4) on the masked
     means of the SHARED ENCODER's outputs, speech pass vs transcript pass, tau 0.1, speech->text,
     summed over the batch. speech_high (B, T, D), text_high (B, L, D).
 

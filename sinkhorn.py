@@ -3,13 +3,14 @@
 SSPC (Swetha et al., ICCV 2023) keeps each modality's structure while the modalities are aligned:
 every sample is described by a soft assignment to several learned anchors, computed by a
 Multi-Assignment Sinkhorn-Knopp, and the assignment seen in the input space must agree with the one
-seen in the joint space. The algorithm follows the official code (METHODS §3.3); the transfer to
-speech and transcript follows METHODS §3.6 [ADAPTATION].
+seen in the joint space. The algorithm follows the official code (docs/methods.md, "SSPC:
+Multi-Assignment Sinkhorn-Knopp"); the transfer to speech and transcript is this project's
+adaptation (docs/methods.md, "SSPC: speech and transcript").
 
 Read top to bottom:
   1. sinkhorn_knopp: entropic optimal transport with uniform marginals (SwAV), log domain
   2. multi_assignment_sinkhorn: r anchors per sample; the direct K x N x K form (the reference) and
-     the exact 2 x N x K reduction that training uses (METHODS §3.3.1)
+     the exact 2 x N x K reduction that training uses (docs/methods.md, "SSPC: the two-slot reduction")
   3. Anchors, EmbeddingQueue and SSPC (the loss of §3.4 for speech s and transcript x)
 """
 from __future__ import annotations
@@ -55,7 +56,7 @@ def sinkhorn_knopp(scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3, lo
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Multi-Assignment Sinkhorn-Knopp (METHODS §3.3)
+# 2. Multi-Assignment Sinkhorn-Knopp
 # ----------------------------------------------------------------------------------------------
 def _minmax_rows(t: torch.Tensor) -> torch.Tensor:
     lo, hi = t.min(-1, keepdim=True).values, t.max(-1, keepdim=True).values
@@ -94,7 +95,8 @@ def multi_assignment_sinkhorn_direct(scores: torch.Tensor, r: int, eps: float = 
 @torch.no_grad()
 def multi_assignment_sinkhorn(scores: torch.Tensor, r: int, eps: float = 0.07, n_iters: int = 20,
                               low_weight: float = 0.25) -> tuple:
-    """`multi_assignment_sinkhorn_direct` in O(N*K) memory, exactly (METHODS §3.3.1).
+    """`multi_assignment_sinkhorn_direct` in O(N*K) memory, exactly (docs/methods.md, "SSPC: the
+    two-slot reduction").
 
     Slots of equal weight start equal and every normalisation keeps them equal, so the K slots
     collapse into one low-weight slot of multiplicity K - r and one high-weight slot of
@@ -160,7 +162,8 @@ class EmbeddingQueue(nn.Module):
 def sspc_cost(pred: torch.Tensor, target: torch.Tensor, kind: str = "code", tau: float = 0.1) -> torch.Tensor:
     """The SSPC consistency cost between cosine predictions (B, K) and targets (B, K) in [0, 1].
 
-    kind 'code' (the official code, METHODS §3.4): mean BCEWithLogits(exp(P / tau), Y). The logit
+    kind 'code' (the official code; docs/methods.md, "SSPC: the consistency loss"): mean
+    BCEWithLogits(exp(P / tau), Y). The logit
     is always positive, so the cost is at least ln 2 * mean(1 - Y), whatever P.
     kind 'bce': mean BCEWithLogits(P / tau, Y).   kind 'ce': soft-target cross-entropy
     -sum_k Yhat_k log softmax(P / tau)_k with Yhat = Y / sum(Y), averaged over the batch."""
@@ -176,10 +179,11 @@ def sspc_cost(pred: torch.Tensor, target: torch.Tensor, kind: str = "code", tau:
 
 
 class SSPC(nn.Module):
-    """The SSPC loss adapted to speech translation (METHODS §3.6): modalities s (speech) and x
+    """The SSPC loss adapted to speech translation (docs/methods.md, "SSPC: speech and transcript"):
+    modalities s (speech) and x
     (transcript); input space = pooled low-level states, joint space = pooled shared-encoder states.
 
-    For every pair (m, n) of modalities, two terms (§3.4):
+    For every pair (m, n) of modalities, two terms (docs/methods.md, "SSPC: the consistency loss"):
       cost(cos(e_in[m], A_in[m]), Y[cos(e_j[n], A_j[m])])     input-space prediction, joint-space target
       cost(cos(e_j[m],  A_j[n]),  Y[cos(e_in[n], A_in[n])])   joint-space prediction, input-space target
     Y = multi_assignment_sinkhorn over [queue; batch] scores, the batch's rows, without gradient.

@@ -1,4 +1,4 @@
-"""Tests of losses.py: label smoothing, CTC, and the ConST contrastive loss (METHODS §1.13)."""
+"""Tests of losses.py: label smoothing, CTC, and the ConST contrastive loss (docs/methods.md, "ConST")."""
 import math
 
 import torch
@@ -90,7 +90,7 @@ def test_contrastive_scale_and_padding_invariance():
     assert torch.allclose(M.masked_mean(x2, lens), M.masked_mean(x, lens), atol=1e-6)
 
 
-# ---- ConST hard examples, L2 (METHODS §1.6, §1.7, §1.13.8) ----------------------------------------
+# ---- ConST hard examples, L2 (docs/methods.md, "ConST: hard examples", "ConST: other alignment losses")
 def test_cutoffs_zero_exactly_the_right_rows_and_columns():
     torch.manual_seed(0)
     x = torch.randn(3, 50, 16) + 5.0                               # no entry is 0 by chance
@@ -113,7 +113,7 @@ def test_l2_alignment_by_hand():
     assert losses.l2_alignment_loss(u, v).item() == 4.0 + 25.0
 
 
-# ---- S-Align (METHODS §2.10) ---------------------------------------------------------------------
+# ---- S-Align (docs/methods.md, "S-Align") ---------------------------------------------------------
 def test_gradient_reversal_is_identity_forward_and_minus_lambda_backward():
     x = torch.randn(4, 3, requires_grad=True)
     y = losses.grad_reverse(x, 0.7)
@@ -153,7 +153,8 @@ def test_generator_equilibrium_value_and_zero_gradient():
     with torch.no_grad():
         disc.out_proj.weight.zero_()                               # D says logit 0 to everything
     loss = losses.generator_loss(disc, z, lens, w)
-    assert abs(loss.item() - w.mean().item() * math.log(2)) < 1e-5             # mean over rows (METHODS §2.10.4)
+    # a mean over rows (docs/methods.md, "S-Align: the adversarial losses")
+    assert abs(loss.item() - w.mean().item() * math.log(2)) < 1e-5
     loss.backward()
     assert all(p.grad.abs().max() < 1e-7 for p in enc.parameters())
     # off equilibrium the target 0.5 pulls both ways: a logit of +-2 costs the same

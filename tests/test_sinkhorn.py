@@ -1,4 +1,4 @@
-"""Tests of sinkhorn.py: METHODS §3.8, and agreement with POT."""
+"""Tests of sinkhorn.py: the properties of docs/methods.md, "SSPC", and agreement with POT."""
 import math
 
 import pytest

@@ -230,8 +230,8 @@ def test_config_weights_ctr_by_target_language_and_rejects_impossible_values():
 
 
 def test_lambda_zero_is_xstnet_and_each_term_enters_with_its_weight(tiny_corpus):
-    """ConST with lambda 0 = XSTNet (METHODS §1.13.10); with lambda > 0 the loss grows by exactly
-    lambda * L_CTR / N_tgt, and likewise for L2 and H-Align."""
+    """ConST with lambda 0 = XSTNet (docs/methods.md, "Objective: ConST Eq. 1"); with lambda > 0 the
+    loss grows by exactly lambda * L_CTR / N_tgt, and likewise for L2 and H-Align."""
     cfg, model, batch, _ = _model_and_batch(tiny_corpus)
     tasks = ("st", "asr", "mt")
     base, terms = train.objective(cfg, model, batch, tasks)

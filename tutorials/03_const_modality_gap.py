@@ -19,7 +19,7 @@
 # and of its transcript, project them to 2-D, and they fall into two clouds: the **modality gap**
 # (ConST Fig. 5). ConST adds one term that pulls each utterance towards *its own* transcript and away
 # from the other transcripts of the batch. Read next to `losses.py` (section 2), `data.py` (section 4),
-# `train.py` (`objective`, `contrastive_views`), `evaluate.py` (`retrieval`) and `METHODS.md` §1.5–1.6.
+# `train.py` (`objective`, `contrastive_views`), `evaluate.py` (`retrieval`) and `docs/methods.md` ("ConST").
 #
 # What this tutorial covers:
 #
@@ -137,7 +137,7 @@ _garbage = torch.cat([_x, 1e3 * torch.randn(4, 7, 5, generator=_g)], dim=1)     
 _garbage[1, 3:9] = -1e3
 assert torch.allclose(mean_pool(_garbage, _lens), mean_pool(_x, _lens), atol=1e-4), "padding changed the result"
 assert torch.allclose(mean_pool(speech_low, speech_lens), M.masked_mean(speech_low, speech_lens), atol=1e-5)
-print("Exercise 3.1 passed: u and v do not depend on padding (METHODS §1.13.2)")
+print("Exercise 3.1 passed: u and v do not depend on padding")
 
 # %% [markdown]
 # ## 2. The contrastive loss (Eq. 4) and its temperature
@@ -281,7 +281,7 @@ for _rate in (0.1, 0.25, 0.5):
     _check_cutoff(L.sequence_cutoff, _x, _lens, _rate)              # the project's, under the same check
 _a, _b = seq_cutoff(_x, _lens, 0.5, _g), seq_cutoff(_x, _lens, 0.5, _g)
 assert not torch.equal(_a, _b), "the rows must be drawn at random, not always the same ones"
-print("Exercise 3.4 passed: round(rate * T) valid rows zeroed, nothing else touched (METHODS §1.13.8)")
+print("Exercise 3.4 passed: round(rate * T) valid rows zeroed, nothing else touched")
 
 # %% [markdown]
 # The four hard examples on one utterance of the corpus (an untrained model's speech states, for

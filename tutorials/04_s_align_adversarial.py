@@ -17,7 +17,7 @@
 # aligns speech and text in the *space* of the shared encoder, not pair by pair as ConST does: a small
 # **modality discriminator** D looks at a sentence's encoder states and guesses "speech" or "text";
 # the encoders are trained so that D cannot tell. Read next to `losses.py` (section 3) and
-# `train.py` (`s_align_terms`, `objective`), and `METHODS.md` §2.3–2.5, 2.8–2.10.
+# `train.py` (`s_align_terms`, `objective`), and `docs/methods.md` ("S-Align").
 #
 # What this tutorial covers:
 #
@@ -28,7 +28,7 @@
 # 4. a 2-D toy with two Gaussian clouds, "speech" and "text", where the game is visible.
 #
 # A caveat that holds throughout: the S-Align paper's body (its equations and tables) could not be read
-# here; what follows comes from the authors' code, as `METHODS.md` §2.1 says.
+# here; what follows comes from the authors' code, as `docs/methods.md` ("S-Align") says.
 
 # %%
 import math
@@ -134,9 +134,9 @@ print("time order changes nothing:", torch.allclose(disc(shuffled, lens), logits
 #   unchanged. A *sum* would double, and a fixed weight $a$ would mean twice as much against the task
 #   losses in a batch twice as large.
 # * **Its equilibrium is $\overline{w}\,\ln 2$.** When D outputs $\ell = 0$ everywhere, both losses equal
-#   the mean weight times $\ln 2$ (`METHODS.md` §2.10.4). The length weights $w_i$ (the official code
-#   weighs each row by its number of positions) change how much each sentence counts *and* the overall
-#   scale, by $\overline{w}$, since the division is by the number of rows.
+#   the mean weight times $\ln 2$ (`docs/methods.md`, "S-Align: the adversarial losses"). The length
+#   weights $w_i$ (the official code weighs each row by its number of positions) change how much each
+#   sentence counts *and* the overall scale, by $\overline{w}$, since the division is by the number of rows.
 # * **$a = 4$ and the $\times 1.5$ were tuned on this scale.** The encoders receive $a\,L_G$ next to
 #   the task losses, so the *size* of $L_G$ decides how hard the encoders are pushed. (D, which only
 #   $L_D$ trains, hardly cares: Adam divides each parameter's step by its own gradient scale.)
@@ -291,9 +291,10 @@ for name, fn in routes.items():
 # Now the same terms inside `train.objective`, with the `s-align` recipe on a tiny demo corpus (48
 # spoken sentences, written in about a second into the output folder) and an untrained `tiny` model. Besides the plain
 # speech (target 0) and transcript (target 1) rows, the recipe feeds D two kinds of soft rows
-# (`METHODS.md` §2.5): with probability 0.3 per batch a **mix-up** of speech and text frames at ratio
-# $r \sim U(0,1)$ (target $r$), and **blank-noised** transcripts that look like CTC-shrunk speech
-# (target $1-\rho$). D's task is then a regression over $[0, 1]$, "a continuous prediction space".
+# (`docs/methods.md`, "S-Align: mix-up and text noise"): with probability 0.3 per batch a **mix-up** of
+# speech and text frames at ratio $r \sim U(0,1)$ (target $r$), and **blank-noised** transcripts that look
+# like CTC-shrunk speech (target $1-\rho$). D's task is then a regression over $[0, 1]$, "a continuous
+# prediction space".
 
 # %%
 corpus = demo_corpus.write_demo_corpus(OUT / "demo_corpus",

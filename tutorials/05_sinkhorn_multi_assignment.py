@@ -17,7 +17,7 @@
 # each modality's structure while the modalities are aligned: every sample is described by a soft
 # assignment to **several** learned anchors, and the assignment seen in one space must be predicted
 # from the other. The assignments come from an optimal-transport solver, a **Multi-Assignment
-# Sinkhorn-Knopp** (Multi-SK). Read next to `sinkhorn.py` and `METHODS.md` §3.3–3.8.
+# Sinkhorn-Knopp** (Multi-SK). Read next to `sinkhorn.py` and `docs/methods.md` ("SSPC").
 #
 # What this tutorial covers:
 #
@@ -28,7 +28,7 @@
 # 5. SSPC's anchors, queue and cost, adapted to speech and transcript.
 #
 # The SSPC paper's full text could not be read here; the algorithm follows the authors' code
-# (`METHODS.md` §3, sources S7–S10).
+# (`docs/methods.md`, "SSPC").
 
 # %%
 import math
@@ -264,8 +264,8 @@ print("Y of sample 0:", [round(v, 2) for v in Y[0].tolist()], "<- three anchors 
 # $$\sum_m A_{mnk} = (K - r)\,A^{\text{low}}_{nk} + r\,A^{\text{high}}_{nk}, \qquad T = r\,A^{\text{high}}.$$
 #
 # `sinkhorn.multi_assignment_sinkhorn` iterates on a $(2, N, K)$ tensor: the same result, $K/2$ times
-# less memory (`METHODS.md` §3.3.1). (This holds for the two slot weights of the official "discrete"
-# mode; its unused ramped mode has $K$ distinct weights.)
+# less memory (`docs/methods.md`, "SSPC: the two-slot reduction"). (This holds for the two slot weights
+# of the official "discrete" mode; its unused ramped mode has $K$ distinct weights.)
 #
 # ### Exercise 5.2: Multi-SK on two slots
 #
@@ -338,12 +338,13 @@ print(f"direct: tensor {tuple(A_direct.shape)}, {t_direct * 1e3:.0f} ms; two slo
 #
 # Because $e^{x} > 0$, the predicted probability $\sigma(e^{P/\tau})$ is always above $\tfrac12$: an
 # anchor whose target is 0 costs at least $\ln 2$ whatever $P$, so $\ell \ge \ln 2 \cdot \overline{(1 - Y)}$
-# (`METHODS.md` §3.8.7), a quirk kept for fidelity (`sspc_cost(kind="bce")` and `"ce"` are cleaner options).
+# (`docs/methods.md`, "SSPC: the consistency loss"), a quirk kept for fidelity (`sspc_cost(kind="bce")`
+# and `"ce"` are cleaner options).
 #
-# In the speech-translation adaptation (`METHODS.md` §3.6) the modalities are speech $s$ and transcript
-# $x$; the input space is the pooled low-level states, the joint space the pooled shared-encoder states,
-# and the 8 terms of `sinkhorn.SSPC` ask each space's anchor scores to predict the other space's
-# Multi-SK assignment: $\ell\big(\cos(e^{\text{in}}_m, A^{\text{in}}_m),\, Y[\cos(e^{\text{j}}_n, A^{\text{j}}_m)]\big)$ and
+# In the speech-translation adaptation (`docs/methods.md`, "SSPC: speech and transcript") the modalities
+# are speech $s$ and transcript $x$; the input space is the pooled low-level states, the joint space the
+# pooled shared-encoder states, and the 8 terms of `sinkhorn.SSPC` ask each space's anchor scores to
+# predict the other space's Multi-SK assignment: $\ell\big(\cos(e^{\text{in}}_m, A^{\text{in}}_m),\, Y[\cos(e^{\text{j}}_n, A^{\text{j}}_m)]\big)$ and
 # $\ell\big(\cos(e^{\text{j}}_m, A^{\text{j}}_n),\, Y[\cos(e^{\text{in}}_n, A^{\text{in}}_n)]\big)$ for $m, n \in \{s, x\}$.
 #
 # ### Exercise 5.3: the SSPC cost, as coded
@@ -396,7 +397,7 @@ print("gradients reach the anchors:", sspc.anchors_in["s"].weight.grad is not No
 # %% [markdown]
 # ## 6. Multi-SK against plain Sinkhorn on a planted problem
 #
-# A problem with a known answer (`METHODS.md` §3.8.4): $N = 128$ samples, $K = 16$ anchors, $r = 4$;
+# A problem with a known answer: $N = 128$ samples, $K = 16$ anchors, $r = 4$;
 # sample $n$ prefers the anchors $\{(n + j) \bmod K : j < r\}$ (score 0.8, the others $-0.2$, plus noise of
 # standard deviation 0.05). On top, anchors 0-3 get a **popularity offset** of $+1.2$ for every sample, so
 # that a plain top-$r$ of the scores would hand them to everyone. Three ways to pick $r$ anchors per sample:

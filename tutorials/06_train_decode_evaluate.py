@@ -15,8 +15,8 @@
 #
 # The last mile: the objective that `train.py` minimises, the search that turns a trained model into
 # sentences, and the numbers that say how good those sentences are. Read next to `train.py`
-# (`objective`, `train`), `model.py` (section 6, generation), `evaluate.py` and `METHODS.md` §1.4,
-# §1.9.
+# (`objective`, `train`), `model.py` (section 6, generation), `evaluate.py` and `docs/methods.md`
+# ("Objective", "ConST: hyper-parameters").
 #
 # What this tutorial covers:
 #
@@ -74,7 +74,7 @@ print("figures, the demo corpus and the runs go to", OUT)
 # \qquad \mathcal{L}_{ST} = -\sum_n \log P(y_n \mid s_n),\;
 # \mathcal{L}_{ASR} = -\sum_n \log P(x_n \mid s_n),\; \mathcal{L}_{MT} = -\sum_n \log P(y_n \mid x_n).$$
 #
-# How `train.objective` writes it (METHODS §1.4):
+# How `train.objective` writes it (`docs/methods.md`, "Objective: the weighted sum in train.objective"):
 #
 # * each task term is a **label-smoothed** cross-entropy (`losses.label_smoothed_cross_entropy`,
 #   $\varepsilon = 0.1$): $(1-\varepsilon)\,(-\log p_{y_t}) + \frac{\varepsilon}{V}\sum_{w}(-\log p_w)$,
@@ -333,7 +333,7 @@ for beam in BEAMS:
 # %% [markdown]
 # ## 6. BLEU, its signature, and BLEU on pieces
 #
-# ConST reports **case-sensitive, detokenised sacreBLEU** (METHODS §1.9): the hypotheses are plain
+# ConST reports **case-sensitive, detokenised sacreBLEU** (ConST §4.1): the hypotheses are plain
 # text, exactly as a user would read them, and sacreBLEU tokenises them itself with a fixed tokeniser
 # (`13a`). Its **signature** records every choice that changes the number: `nrefs` (references per
 # segment), `case` (mixed = case-sensitive), `eff` (effective order, for sentence-level BLEU), `tok`
