@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import multiprocessing as mp
+import json
 import random
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-
-from data import SAMPLE_RATE, SPLITS
 
 
 @dataclass
@@ -602,13 +602,11 @@ class Espeak:
     """eSpeak NG in synchronous mode: `speak(text)` -> int16 samples at `self.sample_rate` (22050 Hz).
 
     The library keeps state between calls, so the same call sequence is only reproducible in a
-    fresh process: the corpus writer gives every shard of talks a process of its own.
+    fresh process: the corpus writer gives every shard of talks an interpreter of its own (speak_shards).
     """
-    used_here = False       # has this process initialised eSpeak (then it cannot be forked clean)?
 
     def __init__(self):
         import espeakng_loader
-        Espeak.used_here = True
         self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
         self.libc = ctypes.CDLL("libc.so.6")
         self._chunks = []
@@ -641,9 +639,9 @@ class Espeak:
 
 
 def _synthesize_talks(job: tuple) -> list:
-    """Worker: speak a shard of talks and write one 16 kHz wav per talk; returns YAML entries."""
+    """Worker: speak a shard of talks and write one wav per talk at `sample_rate`; returns YAML entries."""
     import soxr
-    wav_dir, talks, noise = job
+    wav_dir, talks, noise, sample_rate = job
     tts, out = Espeak(), []
     for talk_id, voice, rate, pitch, seed, sentences in talks:
         rng = np.random.default_rng(seed)
@@ -651,7 +649,7 @@ def _synthesize_talks(job: tuple) -> list:
         pieces, pos, entries = [np.zeros(int(rng.integers(4000, 12000)), np.float32)], 0, []
         pos = len(pieces[0])
         for i, text in enumerate(sentences):
-            speech = soxr.resample(tts.speak(text, seed + i).astype(np.float32) / 32768, tts.sample_rate, SAMPLE_RATE)
+            speech = soxr.resample(tts.speak(text, seed + i).astype(np.float32) / 32768, tts.sample_rate, sample_rate)
             entries.append({"duration": len(speech), "offset": pos, "speaker_id": f"spk_{talk_id}",
                             "wav": f"{talk_id}.wav"})
             gap = np.zeros(int(rng.integers(3200, 12800)), np.float32)   # 0.2-0.8 s of silence
@@ -660,23 +658,53 @@ def _synthesize_talks(job: tuple) -> list:
         audio = np.concatenate(pieces)
         if noise > 0:
             audio = audio + rng.normal(0, noise * rng.uniform(0.3, 1.0), len(audio)).astype(np.float32)
-        sf.write(Path(wav_dir) / f"{talk_id}.wav", np.clip(audio, -1, 1), SAMPLE_RATE, subtype="PCM_16")
+        sf.write(Path(wav_dir) / f"{talk_id}.wav", np.clip(audio, -1, 1), sample_rate, subtype="PCM_16")
         out.append(entries)
     return out
+
+
+WORKER = ("import json, sys; sys.path.insert(0, sys.argv[1]); from demo_corpus import _synthesize_talks; "
+          "print(json.dumps(_synthesize_talks(json.load(sys.stdin))))")
+
+
+def speak_shards(jobs: list, workers: int, verbose: bool = False) -> list:
+    """_synthesize_talks(job) for every job, each in a fresh interpreter (eSpeak keeps state, see Espeak),
+    `workers` at a time; the results in job order. A job goes in as JSON on stdin, its result comes back
+    as JSON on stdout.
+
+    Not multiprocessing. A fork of this process copies every lock that one of its threads holds at that
+    moment (torch's, tqdm's, a pool's own handler threads) into a child that can never release it: the test
+    suite was seen to hang in Pool.__exit__ with a worker stuck in SemLock.__enter__. Its spawn and
+    forkserver start methods re-run the caller's main script in every worker, and a tutorial is a script
+    without a main guard. A subprocess execs a new interpreter at once, which is safe from a threaded
+    process, and the interpreter imports this file only (no torch): about 0.3 s per shard of 5 talks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+    here = str(Path(__file__).resolve().parent)
+
+    def speak(job):
+        r = subprocess.run([sys.executable, "-c", WORKER, here], input=json.dumps(job), capture_output=True,
+                           text=True, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"the eSpeak worker failed (exit code {r.returncode}):\n{r.stderr[-3000:]}")
+        return json.loads(r.stdout.splitlines()[-1])
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(tqdm(pool.map(speak, jobs), total=len(jobs), desc="speaking", disable=not verbose))
 
 
 # ----------------------------------------------------------------------------------------------
 # 3. The demo corpus writer: MuST-C v1.0 layout, so that one reader serves demo and real data
 # ----------------------------------------------------------------------------------------------
-def _yaml_line(e: dict) -> str:
+def _yaml_line(e: dict, sample_rate: int) -> str:
     # offsets and durations are whole samples at 16 kHz, exact in 7 decimals
-    return (f"- {{duration: {e['duration'] / SAMPLE_RATE:.7f}, offset: {e['offset'] / SAMPLE_RATE:.7f}, "
+    return (f"- {{duration: {e['duration'] / sample_rate:.7f}, offset: {e['offset'] / sample_rate:.7f}, "
             f"speaker_id: {e['speaker_id']}, wav: {e['wav']}}}\n")
 
 
 def write_demo_corpus(out: str | Path, cfg: DemoConfig = DemoConfig(), verbose: bool = True) -> Path:
     """Write `out/en-de/data/{train,dev,tst-COMMON}/{wav,txt}` and return `out/en-de`."""
-    from tqdm import tqdm
+    from data import SAMPLE_RATE, SPLITS  # here, not above: the workers import this file without torch
     t0, root = time.time(), Path(out) / "en-de"
     sizes = {"train": cfg.train, "dev": cfg.dev, "tst-COMMON": cfg.test}
     pairs = generate_text(sum(sizes.values()), cfg.seed)
@@ -699,21 +727,13 @@ def write_demo_corpus(out: str | Path, cfg: DemoConfig = DemoConfig(), verbose: 
                           [en for en, _ in split_pairs[i:i + cfg.talk_size]]))
         shards = [talks[i:i + 5] for i in range(0, len(talks), 5)]   # shard layout is fixed: determinism
         plan.append((split, d, split_pairs, len(shards)))
-        jobs += [(str(d / "wav"), s, cfg.noise) for s in shards]
-    # A fresh process per shard (see Espeak). Forking this process is fastest, but only valid while
-    # it has never run eSpeak itself; otherwise fork from a clean server that imports us once.
-    methods = mp.get_all_start_methods()
-    method = "fork" if "fork" in methods and not Espeak.used_here else "forkserver" if "forkserver" in methods else "spawn"
-    ctx = mp.get_context(method)
-    if method == "forkserver":
-        ctx.set_forkserver_preload(["demo_corpus", "soxr"])
-    with ctx.Pool(cfg.workers, maxtasksperchild=1) as pool:
-        results = list(tqdm(pool.imap(_synthesize_talks, jobs), total=len(jobs), desc="speaking", disable=not verbose))
+        jobs += [(str(d / "wav"), s, cfg.noise, SAMPLE_RATE) for s in shards]
+    results = speak_shards(jobs, cfg.workers, verbose)
     seconds = 0
     for split, d, split_pairs, n_shards in plan:
         entries = [e for shard in results[:n_shards] for talk in shard for e in talk]
         results = results[n_shards:]
-        (d / "txt" / f"{split}.yaml").write_text("".join(_yaml_line(e) for e in entries), encoding="utf-8")
+        (d / "txt" / f"{split}.yaml").write_text("".join(_yaml_line(e, SAMPLE_RATE) for e in entries), encoding="utf-8")
         (d / "txt" / f"{split}.en").write_text("".join(en + "\n" for en, _ in split_pairs), encoding="utf-8")
         (d / "txt" / f"{split}.de").write_text("".join(de + "\n" for _, de in split_pairs), encoding="utf-8")
         seconds += sum(e["duration"] for e in entries) / SAMPLE_RATE
