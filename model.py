@@ -75,7 +75,7 @@ class Wav2Vec2Config:
 
 @dataclass
 class ModelConfig:
-    """The ConST model (METHODS §1.3). Defaults are the `base` preset: the papers' model."""
+    """The ConST model (docs/methods.md, "The model"). Defaults are the `base` preset: the papers' model."""
     vocab_size: int = 10_000
     frontend: str = "wav2vec2"      # wav2vec2 | logmel (a CPU switch; the papers use wav2vec2)
     w2v: Wav2Vec2Config = field(default_factory=Wav2Vec2Config)
@@ -526,7 +526,7 @@ class LogMelFrontend(nn.Module):
 # ----------------------------------------------------------------------------------------------
 class LengthAdaptor(nn.Module):
     """fairseq's Conv1dSubsampler: per layer Conv1d(k 5, s 2, p 2) to 2*out channels, then GLU.
-    (B, T, in) -> (B, T', d_model), T' = f(f(T)), f(L) = floor((L - 1) / 2) + 1 (METHODS §1.13.1)."""
+    (B, T, in) -> (B, T', d_model), T' = f(f(T)), f(L) = floor((L - 1) / 2) + 1 (stride 2: ConST §4.1)."""
 
     def __init__(self, in_dim: int, channels: int, out_dim: int, layers: int = 2, kernel: int = 5):
         super().__init__()
@@ -545,7 +545,7 @@ class LengthAdaptor(nn.Module):
 
 
 def masked_mean(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """(B, T, D) states, (B,) lengths -> (B, D) mean over the valid positions only (METHODS §1.5)."""
+    """(B, T, D) states, (B,) lengths -> (B, D) mean over the valid positions only (ConST's pooling)."""
     valid = (~lengths_to_padding_mask(lens, x.shape[1]))[..., None].to(x.dtype)
     return (x * valid).sum(1) / lens[:, None].to(x.dtype)
 
@@ -687,7 +687,7 @@ class SpeechTranslator(nn.Module):
         return self._embed(x), lens
 
     def ctc_states(self, subsampled: torch.Tensor) -> torch.Tensor:
-        """The input of ConST's `ctc_cnn` head (METHODS §1.7): the length adaptor's output x sqrt(d) with
+        """The input of ConST's `ctc_cnn` head (docs/methods.md): the length adaptor's output x sqrt(d) with
         its own dropout and no positions, as the released code's `compute_ctc_logit_and_logprob`
         (positions would add a per-frame bias to every token's logit). (B, T, D) -> (B, T, D)."""
         return self.dropout(subsampled * self.embed_scale)
@@ -717,7 +717,7 @@ class SpeechTranslator(nn.Module):
 
     def forward(self, batch, tasks=("st", "asr", "mt"), reencode_asr: bool = True) -> Outputs:
         """Run the tasks on one batch (data.Batch). ASR encodes the speech a second time, with
-        fresh dropout, as ConST does (METHODS §1.4); `reencode_asr=False` reuses the ST pass.
+        fresh dropout, as ConST does (docs/methods.md); `reencode_asr=False` reuses the ST pass.
         The tasks' decoder passes run as one pass over their rows stacked (`decode_stacked`)."""
         out, jobs = Outputs(), {}
         if "st" in tasks or "asr" in tasks:

@@ -71,13 +71,13 @@ class TrainConfig:
     ctr_weight: float = 0.0         # lambda of ConST's contrastive term (Eq. 1); the `const` recipe sets 1.5
     ctr_tau: float = 0.02           # its temperature
     ctr_views: str = "original"     # '+'-joined positives (ConST §3.3, Fig. 4): original, rep, sma, scut, fcut
-    ctr_level: str = "low"          # low (the shared encoder's input, ConST) | high (its output, Table 7)
+    ctr_level: str = "low"          # low (the shared encoder's input, ConST) | high (its output, Table 4)
     ctr_symmetric: bool = False     # add the text->speech direction (--use-dual-ctr)
     cutoff_rate: float = 0.1        # SCut / FCut rate (ConST App. B)
     sma_p: float = 0.25             # span-masked audio: fraction masked, span length in samples (ConST App. B)
     sma_span: int = 3600
     l2_weight: float = 0.0          # ConST Table 5's L2 alternative on the same pooled vectors
-    halign_weight: float = 0.0      # H-Align (S-Align §2.6); the recipes set 1.5 x 0.3 = 0.45 as the code does
+    halign_weight: float = 0.0      # H-Align (docs/methods.md, "S-Align: H-Align"); the recipes set 1.5 x 0.3 = 0.45 as the code does
     halign_tau: float = 0.1
     adv_weight: float = 0.0         # S-Align's at-scale a (4.0): weight of the adversarial terms
     adv_variant: str = "confusion"  # confusion (the official code: L_D + L_G towards 0.5) | grl (gradient reversal)
@@ -91,7 +91,7 @@ class TrainConfig:
     adv_text_noise: bool = True     # blank-noise the transcript fed to D (target 1 - rho)
     adv_noise_p: float = 0.2
     adv_noise_rho: float = 0.3
-    sspc_weight: float = 0.0        # beta of SSPC (sinkhorn.py), on a per-sentence scale (METHODS §3.6)
+    sspc_weight: float = 0.0        # beta of SSPC (sinkhorn.py), per sentence (docs/methods.md, "SSPC")
     sspc_anchors: int = 64
     sspc_r: int = 0                 # anchors per sample; 0 = anchors // 2
     sspc_queue: int = 4096
@@ -123,7 +123,7 @@ class TrainConfig:
 
 TRAIN_PRESETS = {
     "tiny": {},
-    # METHODS §1.8: Adam(0.9, 0.98), lr 1e-4, inverse-sqrt warmup 25k, clip 10, 1M samples per GPU, update-freq 2
+    # ConST App. B (docs/methods.md, "ConST: hyper-parameters"): Adam(0.9, 0.98), lr 1e-4, inverse-sqrt warmup 25k, clip 10, 1M samples per GPU, update-freq 2
     "base": dict(frontend="wav2vec2", vocab_size=10_000, dropout=0.1, activation_dropout=0.1, batch_seconds=62.5, max_sentences=10_000,
                  lr=1e-4, warmup=25_000, clip=10.0, accum=2, max_steps=500_000, ctc_weight=0.0, reencode_asr=True,
                  eval_every=1000, eval_beam=4, eval_dev_max=10**9, max_audio_seconds=30.0, workers=4),
@@ -138,7 +138,7 @@ TRAIN_PRESETS = {
 #   s-align      adversarial soft alignment, a = 4 (S-Align code)
 #   s+h          both (S-Align's "both" row); the S-Align code's weights are against its 0.7-weighted ST
 #                cross-entropy, so objective divides them by 0.7 (losses.adversarial_weights)
-#   sspc         SSPC, beta 1 (METHODS §3.6);  sspc+const: with ConST's contrastive term
+#   sspc         SSPC, beta 1 (docs/methods.md, "SSPC");  sspc+const: with ConST's contrastive term
 RECIPES = {
     "st-only": {"asr_weight": 0.0, "mt_weight": 0.0, "ctc_weight": 0.0},
     "xstnet": {},
@@ -277,10 +277,10 @@ def text_tables(vocab: data.Vocab) -> dict:
 
 
 def contrastive_views(cfg: TrainConfig, raw: M.SpeechTranslator, batch: data.Batch, out: M.Outputs) -> dict:
-    """ConST's positive pairs (u, v), one N-pair term each (§3.3, METHODS §1.6): the original pair
+    """ConST's positive pairs (u, v), one N-pair term each (§3.3; docs/methods.md): the original pair
     and any of the hard examples: span-masked audio (SMA), repeated words (Rep), sequence and feature
     cut-off (SCut, FCut) of the low-level speech states. The transcript side is a fresh embedding
-    pass, as ConST's code. With ctr_level=high both sides go through the shared encoder (Table 7)."""
+    pass, as ConST's code. With ctr_level=high both sides go through the shared encoder (Table 4)."""
     level_high = cfg.ctr_level == "high"
 
     def speech(states, lens):
@@ -311,7 +311,7 @@ def contrastive_views(cfg: TrainConfig, raw: M.SpeechTranslator, batch: data.Bat
 
 def s_align_terms(cfg: TrainConfig, raw: M.SpeechTranslator, disc: L.ModalityDiscriminator, batch: data.Batch,
                   out: M.Outputs, step: int, tables: dict) -> tuple:
-    """S-Align's adversarial terms (METHODS §2.4-2.5, 2.9): the discriminator sees the speech pass's
+    """S-Align's adversarial terms (docs/methods.md, "S-Align"): the discriminator sees the speech pass's
     encoder output (target 0), or, in a mixed batch, a speech/text mix-up at ratio r (target r); and
     the transcript pass's output (target 1), or a blank-noised transcript (target 1 - rho). Each
     sentence weighs its transcript length (the official code weighs positions; our speech is not
@@ -366,7 +366,7 @@ def s_align_terms(cfg: TrainConfig, raw: M.SpeechTranslator, disc: L.ModalityDis
 def objective(cfg: TrainConfig, model: M.SpeechTranslator, batch: data.Batch, tasks: tuple, step: int = 0,
               aux: torch.nn.ModuleDict | None = None, tables: dict | None = None) -> tuple:
     """ConST Eq. 1 with every alignment term of the three papers, as one weighted sum of summed
-    losses divided by the ST target tokens (METHODS §1.4). Returns (loss, dict of logged values:
+    losses divided by the ST target tokens (docs/methods.md, "Objective"). Returns (loss, dict of logged values:
     each term per target token, plus the alignment terms' own diagnostics; tensors or numbers, read on the
     host only when logged)."""
     raw = model.module if hasattr(model, "module") else model
