@@ -24,8 +24,9 @@ import model as M
 @torch.no_grad()
 def decode(model: M.SpeechTranslator, ds: data.MustcSplit, vocab: data.Vocab, task: str, beam: int = 5,
            indices: list | None = None, device="cpu", bf16: bool = False, batch_seconds: float = 120.0,
-           max_sentences: int = 64) -> list:
-    """Hypotheses (detokenized text) for `task` (st | asr | mt) on ds[indices], in that order."""
+           max_sentences: int = 64, lenpen: float = 1.0) -> list:
+    """Hypotheses (detokenized text) for `task` (st | asr | mt) on ds[indices], in that order; beam search
+    ranks finished hypotheses by log-probability / length ** lenpen (ConST decodes German with 0.7)."""
     model.eval()
     indices = list(range(len(ds))) if indices is None else list(indices)
     lang = vocab.lang_id("en" if task == "asr" else ds.tgt_lang)
@@ -43,7 +44,7 @@ def decode(model: M.SpeechTranslator, ds: data.MustcSplit, vocab: data.Vocab, ta
             b = data.collate(items).to(device)
             low, lens = model.encode_speech(b.audio, b.audio_lens) if speech else model.encode_text(b.src, b.src_lens)
             enc = model.encode(low, lens)
-            out = model.generate(enc, lens, lang, beam=beam) if beam > 1 else model.greedy(enc, lens, lang)
+            out = model.generate(enc, lens, lang, beam=beam, len_penalty=lenpen) if beam > 1 else model.greedy(enc, lens, lang)
             for j, ids in zip(group, out):
                 hyps[j] = vocab.decode(ids)
     return hyps
@@ -234,11 +235,14 @@ def main(argv: list) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", help="a checkpoint written by train.py")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print one table of these runs' saved results")
-    p.add_argument("--split", default="tst-COMMON")
+    p.add_argument("--split", default="tst-COMMON", help="the split to score: tst-COMMON, dev, tst-HE, train")
     p.add_argument("--data", help="the en-XX folder, if it moved since training (default: the checkpoint's)")
-    p.add_argument("--tasks", default="st,asr,mt,retrieval")
-    p.add_argument("--beam", type=int, default=5)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tasks", default="st,asr,mt,retrieval",
+                   help="comma-separated: st (BLEU, chrF++), asr (WER), mt (BLEU), retrieval (top-1 %%)")
+    p.add_argument("--beam", type=int, default=5, help="beam size (1: greedy search)")
+    p.add_argument("--lenpen", type=float, default=1.0,
+                   help="length penalty: hypotheses ranked by log-probability / length ** lenpen (ConST: 0.7 for German)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--max_n", type=int, default=0, help="score only the first N segments (0 = all)")
     p.add_argument("--quiet", action="store_true", help="no signatures and per-task lines")
     p.add_argument("--no_plots", action="store_true", help="skip similarity_<split>.png and loss_curves.png")
@@ -257,10 +261,11 @@ def main(argv: list) -> dict:
     ds = data.MustcSplit(root, a.split, vocab, verbose=False)
     if a.max_n:
         ds.segments, ds.src_ids, ds.tgt_ids = ds.segments[:a.max_n], ds.src_ids[:a.max_n], ds.tgt_ids[:a.max_n]
-    out_dir, summary = Path(a.ckpt).parent, {"split": a.split, "n": len(ds), "ckpt": str(a.ckpt), "beam": a.beam}
+    out_dir, summary = Path(a.ckpt).parent, {"split": a.split, "n": len(ds), "ckpt": str(a.ckpt), "beam": a.beam,
+                                          "lenpen": a.lenpen}
     say = (lambda *x: None) if a.quiet else print
     for task in [t for t in a.tasks.split(",") if t in ("st", "asr", "mt")]:
-        hyps = decode(model, ds, vocab, task, a.beam, device=a.device)
+        hyps = decode(model, ds, vocab, task, a.beam, device=a.device, lenpen=a.lenpen)
         (out_dir / f"hyp_{a.split}_{task}.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
         if task == "asr":
             summary["asr_wer"] = round(wer(hyps, [s.src for s in ds.segments]), 2)

@@ -48,19 +48,20 @@ class TrainConfig:
     resume: bool = False            # continue exactly from out_dir/last.pt
     seed: int = 1
     device: str = "auto"            # auto | cpu | cuda
-    bf16: str = "auto"              # auto (CUDA; on a CPU whichever a short probe measures faster, cached) | true | false
+    bf16: str = "auto"              # auto (a GPU: bf16 where native, else fp16; a CPU: what a short probe measures
+                                    # faster, cached) | true | false
     threads: int = 0                # torch CPU threads; 0 = the cores this process may run on (taskset, cgroups)
     # model
     frontend: str = "logmel"        # wav2vec2 | logmel
     w2v_path: str = ""              # pretrained wav2vec2 (HF folder or fairseq .pt)
     vocab_size: int = 1000
     dropout: float = 0.1            # on residual branches, embeddings and attention weights
-    activation_dropout: float = 0.0  # inside the FFN; 0 on the CPU demo: its dropout mask cost 17 % of a step
+    activation_dropout: float = 0.0  # inside the FFN; 0 on the CPU demo (its masks are a large share of a small step)
     # data and batches
     max_audio_seconds: float = 30.0
     batch_seconds: float = 60.0     # padded audio per batch
-    batch_tokens: int = 800         # padded tokens per text-only batch (MT stage: 800 passed its learning transition in
-                                    # 2.3 min on one core, 1500 in 5, 4000 not in 4.3; README, "the main job")
+    batch_tokens: int = 800         # padded tokens per text-only batch (MT stage: the MT stage's learning transition
+                                    # comes with the number of updates at a moderate lr, so small batches)
     max_sentences: int = 100
     workers: int = 1
     # objective (ConST Eq. 1; the alignment terms of losses.py / sinkhorn.py join this sum)
@@ -175,10 +176,30 @@ def config(preset: str = TrainConfig.preset, recipe: str = CLI_RECIPE, **overrid
     return cfg
 
 
+def usage() -> str:
+    """`python train.py --help`: every TrainConfig field, grouped as the dataclass groups them, with its
+    default and the comment beside it (the dataclass is the one place that documents the settings)."""
+    import inspect
+    import re
+    out = [__doc__.strip(), "", "settings (--key=value; the command line's recipe is " + CLI_RECIPE + "):", "", "system"]
+    for line in inspect.getsource(TrainConfig).splitlines()[1:]:
+        field_ = re.match(r"    (\w+): \w+ = (.+?)(?:\s+# (.*))?$", line)
+        if field_:
+            out.append((f"  --{field_[1]}={field_[2].strip(chr(34))}".ljust(34) + f" {field_[3] or ''}").rstrip())
+        elif re.match(r"    # ", line):                                   # a group of settings
+            out += ["", line.strip()[2:].split(" (")[0]]
+        elif re.match(r"\s{20,}# ", line):                                # a comment's second line
+            out[-1] += " " + line.strip()[2:]
+    return "\n".join(out)
+
+
 def parse_config(argv: list) -> TrainConfig:
     """--key=value overrides, type-checked against TrainConfig; unknown keys list close matches."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     given = {}
+    if "--help" in argv or "-h" in argv:
+        print(usage())
+        raise SystemExit(0)
     for arg in argv:
         if not arg.startswith("--"):
             raise SystemExit(f"expected --key=value, got {arg!r}")

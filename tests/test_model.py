@@ -489,3 +489,23 @@ def test_stacked_decoder_pass_equals_one_pass_per_task():
         torch.testing.assert_close(stacked[task], alone, atol=1e-5, rtol=1e-5)
     assert m.decode_stacked({"st": jobs["st"]})["st"].shape == (3, 7, 100)
 
+
+
+def test_length_penalty_ranks_finished_hypotheses_by_logprob_over_length_to_the_power():
+    """Two hypotheses: `</s>` at once (log p = log 0.3, length 1) and `5 </s>` (log 0.6 + log 0.4, length 2).
+    Ranked by log p / length ** lenpen: with lenpen 0 the short one wins (-1.20 > -1.43), with 1 the long one
+    (-0.71 > -1.20); they tie at lenpen = log2(1.427 / 1.204) = 0.245, so 0.2 keeps the short one and 0.3
+    takes the long one (-1.43 / 2 ** 0.3 = -1.16)."""
+    m = tiny_model(vocab=8)
+    enc, lens = encoded(m, fake_batch(B=1, vocab=8))
+    first = torch.full((8,), 0.1 / 6).index_put_((torch.tensor([2]),), torch.tensor(0.3))
+    first[5] = 0.6
+    after_5 = torch.full((8,), 0.6 / 7).index_put_((torch.tensor([2]),), torch.tensor(0.4))
+
+    def decode(tokens, *a, **k):          # the distribution depends on the last token only
+        rows = [after_5 if t == 5 else first for t in tokens[:, -1].tolist()]
+        return torch.stack(rows).log()[:, None].expand(-1, tokens.shape[1], -1)
+    m.decode = decode
+    picks = {lp: m.generate(enc, lens, lang_id=4, beam=2, max_len_b=6, len_penalty=lp, use_cache=False)[0]
+             for lp in (0.0, 0.2, 0.3, 0.7, 1.0)}
+    assert picks == {0.0: [], 0.2: [], 0.3: [5], 0.7: [5], 1.0: [5]}

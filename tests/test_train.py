@@ -122,6 +122,16 @@ def test_config_overrides_are_type_checked():
         train.parse_config(["--recipe=magic"])
 
 
+def test_help_lists_every_setting_with_its_default_and_exits_0(capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.parse_config(["--lr=1", "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    for f in train.dataclasses.fields(train.TrainConfig):
+        assert f"--{f.name}=" in text, f.name
+    assert "--ctr_tau=0.02 " in text and "its temperature" in text and "\noptimisation\n" in text
+
+
 def test_config_from_python_applies_preset_and_recipe():
     """train.config is the command line's composition; a TrainConfig naming a recipe or preset whose
     settings were never applied is refused, so a log never says `s-align` over a run without its adversary."""
