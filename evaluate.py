@@ -109,20 +109,20 @@ def plot_loss_curves(log_file: Path, out: Path) -> Path | None:
             pts = [(r["step"], r[term]) for r in rows[f] if r.get(term)]
             if pts:
                 ax.plot(*zip(*pts), label=prefix + term.upper(), linestyle="--" if prefix else "-")
-    ax.set(xlabel="step", ylabel="loss per target token", title="training losses", yscale="log")
+    ax.set(xlabel="step", ylabel="loss per target token", title="training losses: each term falling is each task learning", yscale="log")
     ax.legend()
     for ax, panel in zip(axes[0, 1:], panels[1:]):
         if panel == "adv":
             for key, label in (("disc_bce", "discriminator (L_D)"), ("gen_bce", "generator (L_G, target 0.5)")):
                 ax.plot([r["step"] for r in mine if key in r], [r[key] for r in mine if key in r], label=label)
             ax.axhline(math.log(2), color="grey", linestyle=":", label="ln 2 (chance / equilibrium)")
-            ax.set(xlabel="step", ylabel="BCE per position", title="S-Align: adversarial game")
+            ax.set(xlabel="step", ylabel="BCE per position", title="S-Align: D under ln 2 = it tells the modalities apart; G above it")
         else:
             for key, label in (("sspc_intra", "intra-modal"), ("sspc_cross", "cross-modal")):
                 pts = [(r["step"], r[key]) for r in mine if r.get("sspc_on")]
                 if pts:
                     ax.plot(*zip(*pts), label=label)
-            ax.set(xlabel="step", ylabel="cost (4 terms each)", title="SSPC (after the queues filled)")
+            ax.set(xlabel="step", ylabel="cost (4 terms each)", title="SSPC after the queues filled: falling = structure kept")
         ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -139,7 +139,7 @@ def plot_similarity(sims: dict, out: Path, n: int = 40) -> Path:
     fig, axes = plt.subplots(1, len(sims), figsize=(5 * len(sims), 4.4))
     for ax, (level, sim) in zip(axes, sims.items()):
         im = ax.imshow(sim[:n, :n].numpy(), cmap="viridis")
-        ax.set(title=f"{level}-level cos(speech_i, text_j)", xlabel="transcript j", ylabel="utterance i")
+        ax.set(title=f"{level}-level cos(speech_i, text_j)\na bright diagonal = each utterance closest to its own transcript", xlabel="transcript j", ylabel="utterance i")
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(out, dpi=120)

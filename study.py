@@ -173,7 +173,7 @@ def plot(table: dict, path: Path, title: str) -> Path:
             ax.plot([i] * len(table[arm][metric]), table[arm][metric], "k.", markersize=4)
         ax.set_xticks(range(len(arms)), arms, rotation=60, ha="right")
         ax.set_title(metric)
-    fig.suptitle(title + " (bars: mean, error bars: standard deviation, dots: seeds)")
+    fig.suptitle(title + " (bars: mean, error bars: standard deviation, dots: seeds;\nonly a gap wider than the error bars is an effect)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
