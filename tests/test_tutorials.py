@@ -267,3 +267,51 @@ def test_verify_wants_two_exercises(tmp_path):
     one = one.replace("[total, square(2)]", "[0, square(2)]")
     r, report = verify(toy(tmp_path, one), tmp_path, timeout=120)
     assert r.returncode == 1 and any("at least two" in p for p in report["problems"]), report["problems"]
+
+
+def test_nbgrader_grades_a_right_answer_full_and_a_wrong_one_zero():
+    """docs/teaching.md's course path with the real nbgrader: make_assignments.py --solutions into an nbgrader
+    course's source/, `nbgrader generate_assignment`, a student who solves exercise 5.1 (the instructor's
+    solution), answers 5.3 wrongly and leaves 5.2 alone, then `nbgrader autograde`: 1, 0 and 0 points."""
+    pytest.importorskip("nbgrader", reason="nbgrader comes with requirements-course.txt")
+    import re
+    import shutil
+    from nbgrader.api import Gradebook
+    course = ROOT / "runs" / f"nbgrader_test_{os.getpid()}" / "course"   # inside the repository: the notebooks
+    try:                                                                  # find the project's modules upwards
+        (course / "source" / "t05").mkdir(parents=True)
+        r = run([ROOT / "tutorials/make_assignments.py", course.parent / "instructor", "--solutions"], timeout=300)
+        assert r.returncode == 0, r.stderr
+        name = "05_sinkhorn_multi_assignment.ipynb"
+        shutil.copy(course.parent / "instructor" / name, course / "source" / "t05" / name)
+        (course / "nbgrader_config.py").write_text("c = get_config()\nc.CourseDirectory.root = '.'\n"
+                                                   "c.ExecutePreprocessor.timeout = 600\n")
+        nbgrader = [shutil.which("nbgrader") or "nbgrader"]
+        sub = subprocess.run([*nbgrader, "generate_assignment", "t05", "--force"], cwd=course, capture_output=True,
+                             text=True, timeout=300)
+        assert sub.returncode == 0, sub.stderr[-2000:]
+        student = json.loads((course / "release" / "t05" / name).read_text())
+        teacher = json.loads((course / "source" / "t05" / name).read_text())
+        solution = {c["metadata"]["nbgrader"]["grade_id"]: "".join(c["source"]) for c in teacher["cells"]
+                    if c["metadata"].get("nbgrader", {}).get("solution")}
+        stubs = 0
+        for cell in student["cells"]:
+            grade_id = cell["metadata"].get("nbgrader", {}).get("grade_id")
+            stubs += "raise NotImplementedError()" in "".join(cell["source"])
+            if grade_id == "ex_5_1_solution":
+                cell["source"] = solution[grade_id]
+            elif grade_id == "ex_5_3_solution":          # a cost that ignores its inputs
+                cell["source"] = re.sub(r"# YOUR CODE HERE\n\s*raise NotImplementedError\(\)", "return P.sum() * 0 + 1.0",
+                                        "".join(cell["source"]))
+        assert stubs == 3                                 # the release holds every exercise unsolved
+        (course / "submitted" / "alice" / "t05").mkdir(parents=True)
+        (course / "submitted" / "alice" / "t05" / name).write_text(json.dumps(student))
+        sub = subprocess.run([*nbgrader, "autograde", "t05", "--force"], cwd=course, capture_output=True, text=True,
+                             timeout=600, env={**os.environ, "MPLBACKEND": "Agg"})
+        assert sub.returncode == 0, sub.stderr[-2000:]
+        with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+            graded = gb.find_submission_notebook(name[:-6], "t05", "alice")
+            scores = {g.name: (g.score, g.max_score) for g in graded.grades}
+        assert scores == {"ex_5_1_check": (1.0, 1.0), "ex_5_2_check": (0.0, 1.0), "ex_5_3_check": (0.0, 1.0)}
+    finally:
+        shutil.rmtree(course.parent, ignore_errors=True)

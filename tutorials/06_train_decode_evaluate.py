@@ -39,8 +39,8 @@ from pathlib import Path
 
 try:
     ROOT = Path(__file__).resolve().parent.parent
-except NameError:                         # in a notebook: the kernel runs in tutorials/ (or the repo root)
-    ROOT = Path.cwd() if (Path.cwd() / "losses.py").exists() else Path.cwd().parent
+except NameError:                         # in a notebook: the repository is the kernel's folder or one above it
+    ROOT = next((p for p in [Path.cwd(), *Path.cwd().parents] if (p / "losses.py").exists()), Path.cwd())
 sys.path.insert(0, str(ROOT))
 
 import matplotlib
