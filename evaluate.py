@@ -190,10 +190,26 @@ def bleu_on(model, ds, vocab, task: str, beam: int = 1, limit: int = 200, device
     return bleu(hyps, [ds.segments[i].tgt for i in idx])[0]
 
 
-def load(ckpt_path: str | Path, device="cpu", data_dir: str | Path | None = None) -> tuple:
-    """(model, vocab, checkpoint) from a checkpoint written by train.py. `data_dir`: the en-XX folder
-    if it moved since training (the vocabulary lives in it)."""
-    ckpt = M.load_checkpoint(ckpt_path)
+def average_checkpoints(paths: list) -> dict:
+    """fairseq's average_checkpoints: the element-wise mean of the model weights of several checkpoints of one
+    run (the first checkpoint's config, vocabulary and step come along). A checkpoint of another model or
+    vocabulary is an error that names it."""
+    ckpts = [M.load_checkpoint(p) for p in paths]
+    first = ckpts[0]
+    for p, c in zip(paths[1:], ckpts[1:]):
+        if c["model_config"] != first["model_config"] or c["vocab"] != first["vocab"] or c["model"].keys() != first["model"].keys():
+            raise data.BadInput(f"{p}: not the same model and vocabulary as {paths[0]}; average checkpoints of one run")
+    mean = {k: sum(c["model"][k].double() for c in ckpts).div(len(ckpts)).to(v.dtype) if v.is_floating_point() else v
+            for k, v in first["model"].items()}
+    return {**first, "model": mean, "averaged": [str(p) for p in paths]}
+
+
+def load(ckpt_path, device="cpu", data_dir: str | Path | None = None) -> tuple:
+    """(model, vocab, checkpoint) from a checkpoint written by train.py, or from the average of several (a list
+    of paths). `data_dir`: the en-XX folder if it moved since training (the vocabulary lives in it)."""
+    paths = [ckpt_path] if isinstance(ckpt_path, (str, Path)) else list(ckpt_path)
+    ckpt = M.load_checkpoint(paths[0]) if len(paths) == 1 else average_checkpoints(paths)
+    ckpt_path = paths[0]
     vocab_path = Path(ckpt["vocab"]) if data_dir is None else Path(data_dir) / Path(ckpt["vocab"]).name
     if not vocab_path.exists():
         raise data.Missing(f"{vocab_path}, the vocabulary of {ckpt_path}, does not exist: if the data folder moved, "
@@ -233,7 +249,9 @@ def compare_table(run_dirs: list, split: str = "tst-COMMON") -> str:
 
 def main(argv: list) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", help="a checkpoint written by train.py")
+    p.add_argument("--ckpt", nargs="+", help="a checkpoint written by train.py; several: their average (fairseq's "
+                   "average_checkpoints, e.g. runs/x/step_*.pt of --keep_last)")
+    p.add_argument("--save_average", help="with several --ckpt: also write their average to this file")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print one table of these runs' saved results")
     p.add_argument("--split", default="tst-COMMON", help="the split to score: tst-COMMON, dev, tst-HE, train")
     p.add_argument("--data", help="the en-XX folder, if it moved since training (default: the checkpoint's)")
@@ -254,6 +272,11 @@ def main(argv: list) -> dict:
     if not a.ckpt:
         p.error("give --ckpt (or --compare RUN_DIR ...)")
     model, vocab, ckpt = load(a.ckpt, a.device, a.data)
+    tag = "" if len(a.ckpt) == 1 else "_avg"            # an average's results sit beside, not over, the run's
+    if a.save_average and len(a.ckpt) > 1:
+        tmp = Path(a.save_average + ".tmp")
+        torch.save(ckpt, tmp)
+        tmp.replace(a.save_average)                   # atomic, as train.py's checkpoints
     root = Path(a.data or ckpt["config"]["data"])
     if not (root / "data" / a.split).is_dir():
         raise data.Missing(f"{root / 'data' / a.split} does not exist: if the data folder moved since training, "
@@ -261,12 +284,12 @@ def main(argv: list) -> dict:
     ds = data.MustcSplit(root, a.split, vocab, verbose=False)
     if a.max_n:
         ds.segments, ds.src_ids, ds.tgt_ids = ds.segments[:a.max_n], ds.src_ids[:a.max_n], ds.tgt_ids[:a.max_n]
-    out_dir, summary = Path(a.ckpt).parent, {"split": a.split, "n": len(ds), "ckpt": str(a.ckpt), "beam": a.beam,
+    out_dir, summary = Path(a.ckpt[0]).parent, {"split": a.split, "n": len(ds), "ckpt": " + ".join(a.ckpt), "beam": a.beam,
                                           "lenpen": a.lenpen}
     say = (lambda *x: None) if a.quiet else print
     for task in [t for t in a.tasks.split(",") if t in ("st", "asr", "mt")]:
         hyps = decode(model, ds, vocab, task, a.beam, device=a.device, lenpen=a.lenpen)
-        (out_dir / f"hyp_{a.split}_{task}.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+        (out_dir / f"hyp_{a.split}{tag}_{task}.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
         if task == "asr":
             summary["asr_wer"] = round(wer(hyps, [s.src for s in ds.segments]), 2)
             say(f"ASR WER {summary['asr_wer']:.2f} (lowercase, punctuation removed)")
@@ -280,11 +303,11 @@ def main(argv: list) -> dict:
                 summary["signature"] = {"bleu": sig, "chrf": chrf_sig}
             say(f"{task.upper()} BLEU {score:.2f}  [{sig}]")
     if "retrieval" in a.tasks:
-        plot = None if a.no_plots else out_dir / f"similarity_{a.split}.png"
+        plot = None if a.no_plots else out_dir / f"similarity_{a.split}{tag}.png"
         summary["retrieval"] = retrieval(model, ds, a.device, plot_to=plot)
     if not a.no_plots:
         plot_loss_curves(out_dir / "log.jsonl", out_dir / "loss_curves.png")
-    (out_dir / f"eval_{a.split}.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / f"eval_{a.split}{tag}.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
     return summary
 

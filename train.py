@@ -120,6 +120,8 @@ class TrainConfig:
     eval_beam: int = 1
     eval_dev_max: int = 200         # dev segments decoded at each evaluation
     final_eval: bool = True         # evaluate tst-COMMON at the end and print the results table
+    keep_last: int = 0              # also keep the weights of the last N evaluations (step_<N>.pt) to average, as ConST
+                                    # averages its last 10 (python evaluate.py --ckpt runs/x/step_*.pt)
 
 
 TRAIN_PRESETS = {
@@ -458,6 +460,9 @@ def logged_floats(rows: list, device: torch.device) -> list:
     return [{k: next(values) for k in r} for r in rows]
 
 
+WEIGHTS_ONLY = ("model", "config", "model_config", "vocab", "step")    # what evaluate.py and averaging read
+
+
 def save_checkpoint(path: Path, state: dict):
     """Atomic: write a temporary file, then rename; a killed run never leaves half a checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
@@ -766,10 +771,15 @@ def train(cfg: TrainConfig, bar=None) -> dict:
             bar.write(f"step {step}: dev {task.upper()} BLEU {dev:.2f}")
             if log_file:
                 log_file.write(json.dumps({"step": step, f"dev_{task}_bleu": dev}) + "\n")
+            state = checkpoint_state()
             if dev > best_bleu:
-                best_bleu = dev
-                save_checkpoint(out_dir / "best.pt", checkpoint_state())
-            save_checkpoint(out_dir / "last.pt", checkpoint_state())
+                best_bleu = state["best_bleu"] = dev
+                save_checkpoint(out_dir / "best.pt", state)
+            save_checkpoint(out_dir / "last.pt", state)
+            if cfg.keep_last:             # the weights alone: what averaging needs
+                save_checkpoint(out_dir / f"step_{step}.pt", {k: state[k] for k in WEIGHTS_ONLY})
+                for old in sorted(out_dir.glob("step_*.pt"), key=lambda p: int(p.stem[5:]))[:-cfg.keep_last]:
+                    old.unlink()
     if own_bar:
         bar.close()
     if main_proc:

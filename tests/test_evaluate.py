@@ -6,6 +6,7 @@ import torch
 
 import data
 import evaluate
+import model as M
 import train
 
 
@@ -111,3 +112,29 @@ def test_loss_curves_have_adversarial_and_sspc_panels_and_runs_compare(tmp_path)
     assert table[3].startswith("| const | 22.25 |")
     with pytest.raises(FileNotFoundError, match="eval_tst-COMMON.json does not exist"):
         evaluate.compare_table([tmp_path])
+
+
+def test_keep_last_keeps_n_weight_files_and_their_average_is_the_mean_of_their_tensors(tiny_corpus, tmp_path):
+    """--keep_last=3 with a dev evaluation every step keeps step_3..5.pt of 5 (weights, config, vocabulary);
+    evaluate.py --ckpt with several averages them (fairseq's average_checkpoints): every float tensor the mean
+    of the three, written atomically with --save_average, scored beside the run's own results."""
+    cfg = train.TrainConfig(data=str(tiny_corpus), out_dir=str(tmp_path), vocab_size=200, max_steps=5,
+                            batch_seconds=15.0, workers=0, eval_every=1, eval_dev_max=2, warmup=2, bf16="false",
+                            threads=1, keep_last=3)
+    train.train(cfg)
+    kept = sorted(tmp_path.glob("step_*.pt"))
+    assert [p.name for p in kept] == ["step_3.pt", "step_4.pt", "step_5.pt"]
+    states = [torch.load(p)["model"] for p in kept]
+    assert not torch.equal(states[0]["embed_tokens.weight"], states[2]["embed_tokens.weight"])   # they differ
+    summary = evaluate.main(["--ckpt", *map(str, kept), "--save_average", str(tmp_path / "avg.pt"), "--split", "dev",
+                             "--tasks", "mt", "--beam", "1", "--no_plots", "--quiet"])
+    avg = M.load_checkpoint(tmp_path / "avg.pt")
+    for k, v in avg["model"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, sum(s[k] for s in states) / 3, rtol=0, atol=1e-6)
+    assert avg["averaged"] == [str(p) for p in kept] and (tmp_path / "eval_dev_avg.json").exists()
+    assert summary["ckpt"].count(" + ") == 2 and "mt_bleu" in summary
+    other = dict(torch.load(kept[0]), model_config={**avg["model_config"], "d_model": 8})
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(data.BadInput, match="other.pt: not the same model"):
+        evaluate.average_checkpoints([kept[1], tmp_path / "other.pt"])
