@@ -224,7 +224,8 @@ def parse_config(argv: list) -> TrainConfig:
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> M.ModelConfig:
-    mcfg = M.model_config(cfg.preset, vocab_size=vocab_size, frontend=cfg.frontend, w2v_path=cfg.w2v_path,
+    mcfg = M.model_config(cfg.preset, vocab_size=vocab_size, frontend=cfg.frontend,
+                          w2v_path="" if cfg.w2v_path == "none" else cfg.w2v_path,
                           dropout=cfg.dropout, attention_dropout=cfg.dropout,
                           activation_dropout=cfg.activation_dropout)
     mcfg.w2v.hidden_dropout = mcfg.w2v.attention_dropout = mcfg.w2v.feat_proj_dropout = cfg.dropout
@@ -266,6 +267,9 @@ def check_config(cfg: TrainConfig):
             wanted = ", ".join(f"{k}={v}" for k, v in settings.items())
             raise SystemExit(f"{kind}={name!r}, but none of its settings is applied ({wanted}): build the config "
                              f"with train.config({kind}={name!r}, ...) (as the command line does), or pass them")
+    if cfg.preset == "base" and cfg.frontend == "wav2vec2" and not cfg.w2v_path:
+        raise SystemExit("--preset=base fine-tunes a pretrained wav2vec2: pass --w2v_path=/path/to/wav2vec_small.pt (or a "
+                         "Hugging Face folder), or --w2v_path=none to start from random weights on purpose")
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key}={getattr(cfg, key)!r}: choose one of {', '.join(allowed)}")
@@ -602,7 +606,12 @@ def train(cfg: TrainConfig, bar=None) -> dict:
     mcfg = model.cfg                   # with the loaded wav2vec2's own config when --w2v_path gives one
     if cfg.init_from:
         init = M.load_checkpoint(cfg.init_from)
-        missing, unexpected = model.load_state_dict(init["model"], strict=False)
+        state = init["model"]
+        if cfg.w2v_path not in ("", "none") and init["config"].get("w2v_path", "") in ("", "none"):
+            # the start's wav2vec2 was random (an MT stage run without --w2v_path): keep the pretrained one
+            state = {k: v for k, v in state.items() if not k.startswith("wav2vec2.")}
+            say(f"wav2vec2 from {cfg.w2v_path}, not from {cfg.init_from} (whose wav2vec2 was random)")
+        missing, unexpected = model.load_state_dict(state, strict=False)
         front_end = ("wav2vec2.", "logmel.")      # the MT stage leaves either front end untrained: either may be swapped
         if any(not k.startswith(front_end) for k in unexpected) or any(
                 not k.startswith((*front_end, "subsample.")) for k in missing):

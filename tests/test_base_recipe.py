@@ -14,7 +14,7 @@ import train
 
 def base_config(corpus, out_dir, **over) -> train.TrainConfig:
     """`--preset=base --recipe=const` as the command line builds it, shrunk only where a CPU needs it."""
-    args = {"preset": "base", "recipe": "const", "data": str(corpus), "out_dir": str(out_dir), "vocab_size": 200,
+    args = {"preset": "base", "recipe": "const", "w2v_path": "none", "data": str(corpus), "out_dir": str(out_dir), "vocab_size": 200,
             "max_steps": 4, "freeze_w2v_steps": 2, "warmup": 2, "lr": 1e-4, "batch_seconds": 5.0, "workers": 0,
             "eval_every": 10**9, "final_eval": "false", "bf16": "false", "threads": 1, "seed": 3, "log_every": 1, **over}
     return train.parse_config([f"--{k}={v}" for k, v in args.items()])

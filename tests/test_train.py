@@ -111,7 +111,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_corpus, tmp_path, 
 def test_config_overrides_are_type_checked():
     cfg = train.parse_config(["--max_steps=12", "--lr=0.5", "--resume", "--recipe=xstnet", "--data=x"])
     assert (cfg.max_steps, cfg.lr, cfg.resume, cfg.data) == (12, 0.5, True, "x")
-    assert train.parse_config(["--preset=base"]).warmup == 25_000
+    assert train.parse_config(["--preset=base", "--w2v_path=none"]).warmup == 25_000
     with pytest.raises(SystemExit, match="unknown config key 'max_step'; did you mean max_steps"):
         train.parse_config(["--max_step=5"])
     with pytest.raises(SystemExit, match="--max_steps expects a int, got 'many'"):
@@ -135,8 +135,8 @@ def test_help_lists_every_setting_with_its_default_and_exits_0(capsys):
 def test_config_from_python_applies_preset_and_recipe():
     """train.config is the command line's composition; a TrainConfig naming a recipe or preset whose
     settings were never applied is refused, so a log never says `s-align` over a run without its adversary."""
-    cfg = train.config(preset="base", recipe="s-align", lr=3e-4)
-    assert cfg == train.parse_config(["--preset=base", "--recipe=s-align", "--lr=0.0003"])
+    cfg = train.config(preset="base", recipe="s-align", lr=3e-4, w2v_path="none")
+    assert cfg == train.parse_config(["--preset=base", "--recipe=s-align", "--lr=0.0003", "--w2v_path=none"])
     assert (cfg.adv_weight, cfg.warmup, cfg.frontend, cfg.lr) == (4.0, 25_000, "wav2vec2", 3e-4)
     assert train.config() == train.parse_config([]) and train.config().ctr_weight == 1.5   # const, as on the command line
     with pytest.raises(SystemExit, match="recipe='s-align', but none of its settings is applied .*adv_weight=4.0"):
@@ -561,3 +561,31 @@ def test_precision_probe_times_our_layer_and_caches_its_pick(tmp_path):
     assert entry[0].endswith("| 1 threads | probe 3") and entry[1]["bf16"] == choice
     assert choice == (entry[1]["bf16_ms"] < 0.9 * entry[1]["fp32_ms"])
     assert train.probe_bf16(1, cache) == (choice, f"cached probe: bf16 {entry[1]['bf16_ms']} ms, fp32 {entry[1]['fp32_ms']} ms")
+
+
+def test_pretrained_wav2vec2_is_never_lost_silently(tiny_corpus, tmp_path, capsys):
+    """`base` without --w2v_path is refused (--w2v_path=none says random on purpose); --init_from an MT stage
+    trained without --w2v_path keeps the pretrained wav2vec2 given now instead of its random one, and says so."""
+    with pytest.raises(SystemExit, match="--w2v_path=none to start from random weights"):
+        train.parse_config(["--preset=base"])
+    assert train.parse_config(["--preset=base", "--w2v_path=none"]).w2v_path == "none"
+    mcfg = train.model_config(config(tiny_corpus, tmp_path, frontend="wav2vec2"), 200)
+    torch.manual_seed(123)
+    pretrained = M.Wav2Vec2Model(mcfg.w2v)
+    folder = tmp_path / "w2v"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({k: list(v) if isinstance(v, tuple) else v
+                                                    for k, v in train.asdict(mcfg.w2v).items()}))
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()}, str(folder / "model.safetensors"))
+    train.train(config(tiny_corpus, tmp_path / "mt", frontend="wav2vec2", stage="mt", max_steps=2))
+    capsys.readouterr()
+    train.train(config(tiny_corpus, tmp_path / "st", frontend="wav2vec2", w2v_path=str(folder), max_steps=0,
+                       init_from=str(tmp_path / "mt" / "last.pt")))
+    assert f"wav2vec2 from {folder}, not from" in capsys.readouterr().out
+    saved = M.load_checkpoint(tmp_path / "st" / "last.pt")["model"]
+    mt = M.load_checkpoint(tmp_path / "mt" / "last.pt")["model"]
+    for k, v in pretrained.state_dict().items():
+        assert torch.equal(saved[f"wav2vec2.{k}"], v), k
+    k = "embed_tokens.weight"
+    assert torch.equal(saved[k], mt[k])                   # the rest comes from the MT stage
