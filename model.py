@@ -65,10 +65,10 @@ class Wav2Vec2Config:
     def from_hf(cls, cfg: dict) -> "Wav2Vec2Config":
         """From a Hugging Face config.json dict; only the post-LN, group-norm base layout is supported."""
         if cfg.get("feat_extract_norm", "group") != "group" or cfg.get("do_stable_layer_norm", False):
-            raise ValueError("only wav2vec2 'base'-style checkpoints (feat_extract_norm='group', "
-                             "do_stable_layer_norm=False) are supported; this config is a 'large'-style model")
+            raise BadInput("only wav2vec2 'base'-style checkpoints (feat_extract_norm='group', do_stable_layer_norm="
+                           "False) are supported; this config is a 'large'-style model: use wav2vec_small.pt")
         if cfg.get("hidden_act", "gelu") != "gelu" or cfg.get("feat_extract_activation", "gelu") != "gelu":
-            raise ValueError("only GELU activations are supported")
+            raise BadInput("only GELU activations are supported")
         return cls(**{f.name: tuple(cfg[f.name]) if isinstance(cfg[f.name], list) else cfg[f.name]
                       for f in fields(cls) if f.name in cfg})
 
@@ -399,16 +399,16 @@ def _copy_state(model: Wav2Vec2Model, state: dict, rename: dict, source: str) ->
             continue
         dst = rename.get(key, key)
         if dst not in ours:
-            raise KeyError(f"{source}: unexpected key {key!r} (no wav2vec2 base parameter of that name)")
+            raise BadInput(f"{source}: unexpected key {key!r} (no wav2vec2 base parameter of that name)")
         if tuple(value.shape) != tuple(ours[dst].shape):
-            raise ValueError(f"{source}: key {key!r} has shape {tuple(value.shape)}, the model expects "
+            raise BadInput(f"{source}: key {key!r} has shape {tuple(value.shape)}, the model expects "
                              f"{tuple(ours[dst].shape)} for {dst!r}; the config does not match the weights")
         mapped[dst] = value
     if "masked_spec_embed" not in mapped:      # HF omits it when its config has no time masking
         mapped["masked_spec_embed"] = ours["masked_spec_embed"]
     missing = sorted(set(ours) - set(mapped))
     if missing:
-        raise KeyError(f"{source}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise BadInput(f"{source}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     model.load_state_dict(mapped, strict=True)
     return model
 
@@ -420,7 +420,7 @@ def _hf_state(folder: Path) -> dict:
     elif (binf := folder / "pytorch_model.bin").exists():
         state = torch.load(binf, map_location="cpu", weights_only=True)
     else:
-        raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+        raise Missing(f"{folder} has neither model.safetensors nor pytorch_model.bin")
     # a Wav2Vec2For* head model prefixes the backbone with 'wav2vec2.'; heads are not ours to load
     if any(k.startswith("wav2vec2.") for k in state):
         state = {k[len("wav2vec2."):]: v for k, v in state.items() if k.startswith("wav2vec2.")}
@@ -435,17 +435,17 @@ def _conv_layers_spec(src: str) -> list:
         return [layer for term in src.split("+") for layer in
                 ast.literal_eval(term.partition("*")[0].strip()) * int(term.partition("*")[2] or 1)]
     except (ValueError, SyntaxError, TypeError):
-        raise ValueError(f"conv_feature_layers: unsupported expression {src[:60]!r}") from None
+        raise BadInput(f"conv_feature_layers: unsupported expression {src[:60]!r}") from None
 
 
 def _fairseq_config(ckpt: dict, path: Path) -> Wav2Vec2Config:
     args = ckpt.get("args")
     m = vars(args) if args is not None else (ckpt.get("cfg") or {}).get("model")
     if m is None:
-        raise KeyError(f"{path}: a fairseq checkpoint needs 'args' or 'cfg.model' to describe the model")
+        raise BadInput(f"{path}: a fairseq checkpoint needs 'args' or 'cfg.model' to describe the model")
     m = dict(m)
     if m.get("extractor_mode", "default") != "default" or m.get("layer_norm_first", False):
-        raise ValueError(f"{path}: only wav2vec2 base layout (extractor_mode=default, layer_norm_first=False)")
+        raise BadInput(f"{path}: only wav2vec2 base layout (extractor_mode=default, layer_norm_first=False)")
     layers = _conv_layers_spec(m.get("conv_feature_layers", "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] * 2"))
     return Wav2Vec2Config(
         conv_dim=tuple(c for c, _, _ in layers), conv_kernel=tuple(k for _, k, _ in layers),
@@ -466,15 +466,15 @@ def load_wav2vec2(path: str | Path) -> Wav2Vec2Model:
         folder = path if path.is_dir() else path.parent
         cfg_file = folder / "config.json"
         if not cfg_file.exists():
-            raise FileNotFoundError(f"{cfg_file} is missing; a Hugging Face model folder needs its config.json")
+            raise Missing(f"{cfg_file} is missing; a Hugging Face model folder needs its config.json")
         model = Wav2Vec2Model(Wav2Vec2Config.from_hf(json.loads(cfg_file.read_text())))
         return _copy_state(model, _hf_state(folder), HF_RENAMES, str(folder))
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass a Hugging Face folder or a fairseq .pt file")
+        raise Missing(f"{path} does not exist; pass a Hugging Face folder or a fairseq .pt file")
     with torch.serialization.safe_globals([argparse.Namespace]):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if "model" not in ckpt:
-        raise KeyError(f"{path}: no 'model' state dict; is this a fairseq checkpoint?")
+        raise BadInput(f"{path}: no 'model' state dict; is this a fairseq checkpoint?")
     model = Wav2Vec2Model(cfg := _fairseq_config(ckpt, path))
     return _copy_state(model, ckpt["model"], _expand(FAIRSEQ_TO_HF, len(cfg.conv_dim), cfg.num_hidden_layers), str(path))
 

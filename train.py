@@ -464,6 +464,8 @@ def logged_floats(rows: list, device: torch.device) -> list:
     return [{k: next(values) for k in r} for r in rows]
 
 
+# what a resumed run must share with the run it continues (the model's and the aligners' shapes)
+RUN_DEFINING = ("preset", "recipe", "frontend", "vocab_size", "adv_weight", "sspc_weight", "sspc_anchors", "sspc_queue")
 WEIGHTS_ONLY = ("model", "config", "model_config", "vocab", "step")    # what evaluate.py and averaging read
 
 
@@ -611,6 +613,12 @@ def train(cfg: TrainConfig, bar=None) -> dict:
             # the start's wav2vec2 was random (an MT stage run without --w2v_path): keep the pretrained one
             state = {k: v for k, v in state.items() if not k.startswith("wav2vec2.")}
             say(f"wav2vec2 from {cfg.w2v_path}, not from {cfg.init_from} (whose wav2vec2 was random)")
+        ours = model.state_dict()
+        wrong = [k for k, v in state.items() if k in ours and v.shape != ours[k].shape]
+        if wrong:
+            raise data.BadInput(f"{cfg.init_from}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, this model's "
+                                f"{tuple(ours[wrong[0]].shape)}: a checkpoint of another model or vocabulary (its "
+                                f"vocabulary: {init['vocab']}); start from one trained with this --data and --preset")
         missing, unexpected = model.load_state_dict(state, strict=False)
         front_end = ("wav2vec2.", "logmel.")      # the MT stage leaves either front end untrained: either may be swapped
         if any(not k.startswith(front_end) for k in unexpected) or any(
@@ -635,6 +643,11 @@ def train(cfg: TrainConfig, bar=None) -> dict:
         if not (out_dir / "last.pt").exists():
             raise data.Missing(f"nothing to resume in {out_dir}: it has no last.pt; start without --resume")
         ck = M.load_checkpoint(out_dir / "last.pt")
+        changed = [k for k in RUN_DEFINING if ck["config"].get(k) != getattr(cfg, k)]
+        if changed:
+            raise data.BadInput(f"{out_dir / 'last.pt'} was trained with " + ", ".join(
+                f"--{k}={ck['config'].get(k)}" for k in changed) + f", not {', '.join(f'--{k}={getattr(cfg, k)}' for k in changed)}"
+                f": resume with its settings, or start a new --out_dir")
         model.load_state_dict(ck["model"])
         aux.load_state_dict(ck.get("aligners", {}))
         optimizer.load_state_dict(ck["optimizer"])

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import model
 from model import Wav2Vec2Config, Wav2Vec2Model, load_wav2vec2
 
@@ -155,12 +156,12 @@ def test_bad_checkpoints_name_the_key(tmp_path):
     ckpt = torch.load(path, weights_only=False)
     ckpt["model"]["encoder.layers.0.surprise"] = torch.zeros(1)
     torch.save(ckpt, tmp_path / "unexpected.pt")
-    with pytest.raises(KeyError, match="unexpected key 'encoder.layers.0.surprise'"):
+    with pytest.raises(data.BadInput, match="unexpected key 'encoder.layers.0.surprise'"):
         load_wav2vec2(tmp_path / "unexpected.pt")
     del ckpt["model"]["encoder.layers.0.surprise"]
     del ckpt["model"]["encoder.layers.1.fc2.bias"]
     torch.save(ckpt, tmp_path / "missing.pt")
-    with pytest.raises(KeyError, match=r"missing keys \['encoder.layers.1.feed_forward.output_dense.bias'\]"):
+    with pytest.raises(data.BadInput, match=r"missing keys \['encoder.layers.1.feed_forward.output_dense.bias'\]"):
         load_wav2vec2(tmp_path / "missing.pt")
     ckpt["model"]["encoder.layers.1.fc2.bias"] = torch.zeros(7)
     torch.save(ckpt, tmp_path / "shape.pt")

@@ -589,3 +589,13 @@ def test_pretrained_wav2vec2_is_never_lost_silently(tiny_corpus, tmp_path, capsy
         assert torch.equal(saved[f"wav2vec2.{k}"], v), k
     k = "embed_tokens.weight"
     assert torch.equal(saved[k], mt[k])                   # the rest comes from the MT stage
+
+
+def test_resume_with_other_settings_and_a_start_of_another_vocabulary_are_one_line_errors(tiny_corpus, tmp_path):
+    train.train(config(tiny_corpus, tmp_path / "a", max_steps=1))
+    with pytest.raises(data.BadInput, match=r"last.pt was trained with --recipe=xstnet, --adv_weight=0.0, not --recipe=s-align, --adv_weight=4.0: resume"):
+        train.train(train.dataclasses.replace(config(tiny_corpus, tmp_path / "a"), recipe="s-align", adv_weight=4.0,
+                                              resume=True))
+    with pytest.raises(data.BadInput, match=r"embed_tokens.weight has shape \(200, 256\), this model's \(150, 256\)"):
+        train.train(config(tiny_corpus, tmp_path / "b", vocab_size=150, max_steps=1,
+                           init_from=str(tmp_path / "a" / "last.pt")))
